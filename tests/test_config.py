@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main
+from workbench.config import GrokkingConfig, config_hash, flatten, load_config
+from workbench.errors import WorkbenchError
+
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_grokking_config_loads():
+    config = load_config(DEFAULT)
+    assert isinstance(config, GrokkingConfig)
+    assert config.task.op == "+" and config.snapshot.pooling == "token"
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(DEFAULT, ["train.max_steps=7", "optim.lr=3e-3", "snapshot.layers=[0, -1]", "seed=5"])
+    assert config.train.max_steps == 7
+    assert config.optim.lr == pytest.approx(3e-3)
+    assert config.snapshot.layers == [0, -1]
+    assert config.seed == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("stage: grokking\ntrain: {max_stepz: 3}\n", "train.max_stepz: unknown key"),
+        ("stage: grokking\noptim: {lr: fast}\n", "optim.lr: Input should be a valid number"),
+        ("stage: grokking\ntask: {op: /, p: 91}\n", "task: p=91 is not prime"),
+        ("stage: grokking\ntask: {train_fraction: 1.5}\n", "task.train_fraction: Input should be less than 1"),
+        ("stage: grokking\ntask: {train_fraction: 0}\n", "task.train_fraction: Input should be greater than 0"),
+        ("stage: pretrainn\n", "stage: expected one of"),
+        ("stage: grokking\ntrain: [1, 2\n", "invalid YAML at line"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(WorkbenchError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and expected in message
+    assert "\n" not in message
+
+
+def test_bad_override_names_the_override():
+    with pytest.raises(WorkbenchError, match=r"override 'task.p=abc': task.p: Input should be a valid integer"):
+        load_config(DEFAULT, ["task.p=abc"])
+    with pytest.raises(WorkbenchError, match=r"override 'train.max_steps': expected key.sub=value"):
+        load_config(DEFAULT, ["train.max_steps"])
+    with pytest.raises(WorkbenchError, match=r"override 'model.depth=2': model.depth: unknown key"):
+        load_config(DEFAULT, ["model.depth=2"])
+
+
+def test_missing_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(WorkbenchError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_policies_are_refused_until_the_engine_exists(tmp_path):
+    path = write(tmp_path, "stage: grokking\npolicies: [{name: x}]\n")
+    with pytest.raises(WorkbenchError, match="policies: the policy engine is not available"):
+        load_config(path)
+
+
+def test_flatten_and_hash_describe_the_resolved_config():
+    a = load_config(DEFAULT)
+    b = load_config(DEFAULT, ["task.p=59"])
+    flat = flatten(a)
+    assert flat["task.p"] == "97" and flat["snapshot.geometry"].startswith("[")
+    assert config_hash(a) != config_hash(b) and config_hash(a) == config_hash(load_config(DEFAULT))
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, tracking_uri, capsys):
+    path = write(tmp_path, "stage: grokking\ntrain: {max_steps: many}\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.max_steps" in err and str(path) in err
+    assert not (tmp_path / "mlflow.db").exists()

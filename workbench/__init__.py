@@ -1,0 +1,12 @@
+"""Training-dynamics workbench core: configs, tracking, snapshots, instrumentation and the CLI.
+
+Heavy libraries (torch, transformers, mlflow) are imported lazily by the modules that need them, so
+that `workbench --help` answers at once.
+"""
+
+import os
+
+# With the default spinning OpenMP threads a second process on one of two cores drops a small model
+# from ~47 to ~2 steps/s (measured, shared/FINDINGS.md); the policy only takes effect if it is set
+# before torch loads its OpenMP runtime, hence here, before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,0 +1,130 @@
+"""The `workbench` command line. Exit codes: 0 success, 2 bad input (one line), 1 a failed run, 130 Ctrl-C.
+
+Heavy imports happen inside the verbs so `workbench --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.config import config_hash, flatten, load_config, to_yaml
+
+    config = load_config(args.config, args.overrides)
+
+    from pipelines import stage_runner
+    from workbench.runtime import configure_torch_threads
+    from workbench.tracking import Tracker, project_commit
+
+    configure_torch_threads()
+    runner = stage_runner(config.stage)
+    tags = {
+        "workbench.stage": config.stage,
+        "workbench.config_hash": config_hash(config),
+        "workbench.git_commit": project_commit(),
+        "workbench.config_file": str(args.config),
+    }
+    started = time.monotonic()
+    tracker = Tracker.start(
+        config.tracking.uri,
+        config.tracking.experiment,
+        config.tracking.run_name,
+        tags,
+        config.tracking.flush_seconds,
+    )
+    print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
+    try:
+        with tracker:
+            tracker.log_params(flatten(config))
+            tracker.log_text(to_yaml(config), "config.yaml")
+            result = runner(config, tracker)
+    except WorkbenchError:
+        raise
+    except KeyboardInterrupt:
+        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, everything logged so far is kept",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"workbench: run {tracker.run_id} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s")
+    for line in result.summary:
+        print(f"  {line}")
+    print("look at it:")
+    for line in _viewing_commands(tracker.tracking_uri):
+        print(f"  {line}")
+    return 0
+
+
+def _viewing_commands(tracking_uri: str) -> list[str]:
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        ui = f"mlflow ui --backend-store-uri sqlite:///{db}    # then open http://127.0.0.1:5000"
+        env = f"MLFLOW_TRACKING_URI=sqlite:///{db} "
+    else:
+        ui = f"open {tracking_uri} in a browser"
+        env = f"MLFLOW_TRACKING_URI={tracking_uri} "
+    return [ui, f"{env}streamlit run app.py", f"{env}workbench ls"]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from workbench.runs import recent_runs
+
+    rows = recent_runs(args.tracking_uri, args.experiment, args.limit)
+    if not rows:
+        print("no runs yet")
+        return 0
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="Tracked LLM training runs that watch the geometry of hidden states.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser(
+        "run",
+        help="train a stage from a YAML config, tracked in MLflow",
+        description="Train a stage from a YAML config; key.sub=value arguments override config keys.",
+    )
+    run.add_argument("config", type=Path, help="YAML config, e.g. configs/grokking.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. train.max_steps=500 task.p=59")
+    run.set_defaults(handler=cmd_run)
+
+    ls = verbs.add_parser("ls", help="list recent runs with status and key metrics")
+    ls.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    ls.add_argument("--experiment", default=None, help="only this experiment")
+    ls.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
+    ls.set_defaults(handler=cmd_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except WorkbenchError as exc:
+        print(f"workbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("workbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

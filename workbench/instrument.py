@@ -1,0 +1,114 @@
+"""Instrumentation any training loop can call: probe snapshots and online geometry every N steps.
+
+`Instrument(model, step)` knows nothing about the stage: it takes a model that accepts
+`output_hidden_states=True` (any `transformers` model), the run's probe set and the step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from workbench.config import SnapshotConfig
+from workbench.errors import WorkbenchError
+from workbench.snapshots import Pooler, ProbeSet, SnapshotWriter, layer_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from workbench.tracking import Tracker
+
+
+def geometry_features(config: SnapshotConfig) -> dict[str, Callable[[torch.Tensor], float]]:
+    """The cheap estimators logged online as `geom/<feature>/layer_<i>`."""
+    from analysis import MLE, EffectiveRank, TwoNN
+
+    available = {
+        "lid_twonn": lambda x: TwoNN().fit(x).dimension_,
+        "lid_mle": lambda x: MLE(n_neighbors=config.mle_neighbors).fit(x).dimension_,
+        "eff_rank": lambda x: EffectiveRank().fit(x).dimension_,
+    }
+    return {name: available[name] for name in config.geometry}
+
+
+class Instrument:
+    """Every `config.every` steps (and at step 0): run the probes, write a snapshot, log geometry."""
+
+    def __init__(self, config: SnapshotConfig, probe: ProbeSet, tracker: Tracker, seed: int = 0) -> None:
+        self.config = config
+        self.probe = probe
+        self.tracker = tracker
+        self.pooler = Pooler(probe, config.pooling, config.max_points, seed)
+        self.features = geometry_features(config)
+        self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
+        self.layers: list[int] = []
+        self._warned: set[str] = set()
+
+    def due(self, step: int) -> bool:
+        return self.config.enabled and step % self.config.every == 0
+
+    def __call__(self, model: Any, step: int) -> dict[str, float]:
+        """Snapshot and geometry if due at `step`; returns the logged geometry metrics (else {})."""
+        if not self.due(step):
+            return {}
+        states = self._pooled_states(model)
+        if self.writer is None:
+            self._start(states)
+        kept = {layer_name(i): states[i] for i in self.layers}
+        self.writer.write(step, kept)
+        metrics = {
+            f"geom/{feature}/{name}": self._estimate(feature, name, estimate, points)
+            for name, points in kept.items()
+            for feature, estimate in self.features.items()
+        }
+        self.tracker.log_metrics(metrics, step)
+        return metrics
+
+    def _pooled_states(self, model: Any) -> list[torch.Tensor]:
+        import torch
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = model(
+                    input_ids=self.probe.input_ids,
+                    attention_mask=self.probe.attention_mask,
+                    output_hidden_states=True,
+                )
+        finally:
+            model.train(was_training)
+        return [self.pooler(hidden.float()) for hidden in out.hidden_states]
+
+    def _start(self, states: list[torch.Tensor]) -> None:
+        n_layers = len(states)
+        requested = range(n_layers) if self.config.layers == "all" else self.config.layers
+        bad = [i for i in requested if not -n_layers <= i < n_layers]
+        if bad:
+            raise WorkbenchError(f"snapshot.layers: {bad} out of range for a model with layers 0..{n_layers - 1}")
+        self.layers = sorted({i % n_layers for i in requested})
+        self.writer = SnapshotWriter(
+            self.tracker,
+            {
+                "pooling": self.config.pooling,
+                "dtype": self.config.dtype,
+                "layers": [layer_name(i) for i in self.layers],
+                "hidden_size": int(states[0].shape[-1]),
+                "probe_ids": self.probe.ids,
+                "probe_labels": self.probe.labels,
+                "points": self.pooler.points(self.probe),
+            },
+        )
+
+    def _estimate(self, feature: str, layer: str, estimate: Callable[[Any], float], points: Any) -> float:
+        # Too few distinct points (e.g. an embedding layer with a tiny vocabulary) gives no estimate,
+        # logged as NaN rather than failing the training run.
+        try:
+            return float(estimate(points))
+        except ValueError as exc:
+            if f"{feature}/{layer}" not in self._warned:
+                self._warned.add(f"{feature}/{layer}")
+                warnings.warn(f"geom/{feature}/{layer}: no estimate ({exc})", stacklevel=2)
+            return math.nan
