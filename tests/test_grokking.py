@@ -1,0 +1,131 @@
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import pipelines.grokking as grokking
+from workbench.cli import main
+from workbench.config import TaskConfig
+from workbench.snapshots import load_snapshots
+
+DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
+TINY = ["task.p=11", "train.max_steps=30", "train.eval_every=5", "snapshot.every=10",
+        "model.hidden_size=32", "model.intermediate_size=64"]
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        ("+", lambda a, b, p: (a + b) % p),
+        ("-", lambda a, b, p: (a - b) % p),
+        ("*", lambda a, b, p: (a * b) % p),
+        ("x^2+xy+y^2", lambda a, b, p: (a * a + a * b + b * b) % p),
+    ],
+)
+def test_dataset_holds_every_pair_with_its_answer(op, expected):
+    data = grokking.make_dataset(TaskConfig(op=op, p=7, train_fraction=0.5), seed=0)
+    assert len(data.inputs) == 49
+    for (a, b, eq), y in zip(data.inputs.tolist(), data.targets.tolist(), strict=True):
+        assert eq == 7 and y == expected(a, b, 7)
+
+
+def test_division_skips_zero_and_inverts_multiplication():
+    data = grokking.make_dataset(TaskConfig(op="/", p=7, train_fraction=0.5), seed=0)
+    a, b, y = data.inputs[:, 0], data.inputs[:, 1], data.targets
+    assert len(data.inputs) == 42 and bool((b != 0).all())
+    assert torch.equal((y * b) % 7, a)
+
+
+def test_split_is_seeded_disjoint_and_sized_by_the_fraction():
+    task = TaskConfig(op="+", p=13, train_fraction=0.3)
+    one, again, other = (grokking.make_dataset(task, s) for s in (1, 1, 2))
+    assert torch.equal(one.train_ids, again.train_ids) and not torch.equal(one.train_ids, other.train_ids)
+    assert len(one.train_ids) == round(0.3 * 169) and len(one.train_ids) + len(one.test_ids) == 169
+    assert not set(one.train_ids.tolist()) & set(one.test_ids.tolist())
+
+
+def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, capsys):
+    assert main(["run", DEFAULT, *TINY, f"tracking.uri={tracking_uri}"]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    assert run.info.run_id in out and "memorisation" in out and "mlflow ui" in out
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task.p"] == "11"
+    assert run.data.tags["workbench.stage"] == "grokking" and run.data.tags["workbench.device"] == "cpu"
+    assert len(run.data.tags["workbench.config_hash"]) == 12
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == list(range(0, 31, 5))
+    for key in ("train/loss", "train/acc", "eval/loss", "weight_norm", "lr"):
+        assert key in run.data.metrics
+    layers = ("layer_00", "layer_01")  # embeddings + one block
+    for feature in ("lid_twonn", "lid_mle", "eff_rank"):
+        for layer in layers:
+            history = client.get_metric_history(run.info.run_id, f"geom/{feature}/{layer}")
+            assert [m.step for m in history] == [0, 10, 20, 30]
+    snaps = load_snapshots(run.info.run_id, tracking_uri=tracking_uri)
+    assert snaps.steps == [0, 10, 20, 30] and sorted(snaps.layers) == list(layers)
+    n_probes = len(snaps.index["probe_ids"])
+    assert n_probes == 121 - round(0.4 * 121)  # every held-out pair fits in the default 1024 probes
+    assert snaps.layers["layer_01"].shape == (4, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "snapshots", "model"} <= artifacts
+
+
+def test_saved_model_loads_back_with_from_pretrained(tracking_uri):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", tracking_uri=tracking_uri)
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 12
+
+
+def test_ctrl_c_mid_run_exits_130_marks_killed_and_keeps_metrics(tracking_uri, monkeypatch):
+    real_evaluate, calls = grokking._evaluate, []
+
+    def interrupt_on_third_eval(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(grokking, "_evaluate", interrupt_on_third_eval)
+    assert main(["run", DEFAULT, *TINY, "tracking.uri=" + tracking_uri]) == 130
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == [0, 5]
+
+
+def test_bad_layer_index_is_a_user_error_and_the_run_is_failed(tracking_uri, capsys):
+    assert main(["run", DEFAULT, *TINY, "snapshot.layers=[0, 7]", f"tracking.uri={tracking_uri}"]) == 2
+    assert "snapshot.layers: [7] out of range" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_ls_lists_the_run_with_status_and_metrics(tracking_uri, capsys):
+    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
+    capsys.readouterr()
+    assert main(["ls", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert "FINISHED" in out and "grokking" in out and "eval/acc" in out
+
+
+@pytest.mark.slow
+def test_small_modulus_memorises_then_generalises(tracking_uri):
+    """A fast-grokking setting (p=31, half the pairs, weight decay 2): memorise first, then test acc >= 0.95."""
+    args = ["task.p=31", "task.train_fraction=0.5", "optim.lr=3e-3", "optim.weight_decay=2",
+            "model.hidden_size=64", "model.intermediate_size=256", "train.max_steps=400", "snapshot.every=100"]
+    assert main(["run", DEFAULT, *args, f"tracking.uri={tracking_uri}"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    metrics = run.data.metrics
+    assert "grokking/generalisation_step" in metrics, "test accuracy never reached 0.95"
+    assert metrics["grokking/memorisation_step"] < metrics["grokking/generalisation_step"]
+    assert metrics["train/acc"] >= 0.99
