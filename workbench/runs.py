@@ -47,3 +47,16 @@ def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, 
             row[key] = "" if value is None else f"{value:g}"
         rows.append(row)
     return rows
+
+
+def metric_histories(run_id: str, tracking_uri: str | None = None, prefix: str = "") -> dict[str, tuple[list, list]]:
+    """Every logged value of a run's metrics whose key starts with `prefix`: key -> (steps, values)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(prefix))
+    histories = {}
+    for key in keys:
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        histories[key] = ([m.step for m in points], [m.value for m in points])
+    return histories

@@ -1,0 +1,107 @@
+"""Cost of tracking: the grokking loop with and without instrumentation, side by side in one process.
+
+"Tracked" = MLflow metric logging (sqlite store in a temporary directory) + hidden-state snapshots +
+online geometry at the config's interval; "untracked" = the same loop, same evaluation cadence, with
+logging and instrumentation off. The two alternate (A B A B ...) so drift of a shared machine hits both;
+we report each pair's ratio and the median.
+
+    python benchmarks/overhead.py                      # default config, 3 pairs of 500 steps
+    python benchmarks/overhead.py --steps 300 --pairs 5 task.p=59
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_train(config, tracked: bool, tmp: Path) -> tuple[float, float]:
+    """Wall seconds of one training run, and of that the seconds spent inside the instrument."""
+    import torch
+
+    from pipelines.grokking import build_model, make_dataset, make_probe_set, train
+    from workbench.instrument import Instrument
+    from workbench.tracking import Tracker
+
+    torch.manual_seed(config.seed)
+    data = make_dataset(config.task, config.seed)
+    model = build_model(config.model, vocab_size=config.task.p + 1)
+    inside = [0.0]
+    if tracked:
+        tracker = Tracker.start(f"sqlite:///{tmp / 'mlflow.db'}", "overhead")
+        instrument = Instrument(config.snapshot, make_probe_set(data, config.snapshot.probes, config.seed), tracker)
+
+        def timed_instrument(model, step):
+            start = time.perf_counter()
+            try:
+                return instrument(model, step)
+            finally:
+                inside[0] += time.perf_counter() - start
+
+        log, hook = tracker.log_metrics, timed_instrument
+    else:
+        tracker, log, hook = None, (lambda metrics, step: None), None
+    start = time.perf_counter()
+    train(config, model, data, log, hook, "cpu")
+    if tracker is not None:
+        tracker.finish()  # the final flush is part of the cost
+    return time.perf_counter() - start, inside[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "grokking.yaml"))
+    parser.add_argument("--steps", type=int, default=500, help="training steps per run")
+    parser.add_argument("--pairs", type=int, default=3, help="tracked/untracked pairs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from workbench.config import load_config
+    from workbench.runtime import configure_torch_threads
+
+    threads = configure_torch_threads()
+    config = load_config(args.config, [*args.overrides, f"train.max_steps={args.steps}"])
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        timed_train(config, tracked=False, tmp=Path(tmp))  # warm-up: imports, allocator, MLflow schema
+        for i in range(args.pairs):
+            tracked, inside = timed_train(config, tracked=True, tmp=Path(tmp))
+            untracked, _ = timed_train(config, tracked=False, tmp=Path(tmp))
+            pairs.append({"tracked_s": tracked, "untracked_s": untracked, "instrument_s": inside,
+                          "ratio": tracked / untracked})
+            print(f"pair {i}: tracked {tracked:.2f} s (instrument {inside:.2f} s), untracked {untracked:.2f} s, "
+                  f"ratio {tracked / untracked:.3f}", flush=True)
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    result = {
+        "what": "grokking loop, tracking on vs off, alternating pairs in one process",
+        "config": args.config,
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "snapshot_every": config.snapshot.every,
+        "eval_every": config.train.eval_every,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}",
+        "date": time.strftime("%Y-%m-%d"),
+        "pairs": pairs,
+        "median_ratio": ratio,
+        "median_overhead_percent": 100 * (ratio - 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"median overhead of tracking: {100 * (ratio - 1):+.1f} % -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
