@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 
 import pipelines.grokking as grokking
 from workbench.cli import main
-from workbench.config import TaskConfig
+from workbench.config import TaskConfig, load_config
 from workbench.snapshots import load_snapshots
 
 DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
@@ -66,7 +66,8 @@ def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, capsys):
     snaps = load_snapshots(run.info.run_id, tracking_uri=tracking_uri)
     assert snaps.steps == [0, 10, 20, 30] and sorted(snaps.layers) == list(layers)
     n_probes = len(snaps.index["probe_ids"])
-    assert n_probes == 121 - round(0.4 * 121)  # every held-out pair fits in the default 1024 probes
+    fraction = load_config(DEFAULT).task.train_fraction
+    assert n_probes == 121 - round(fraction * 121)  # every held-out pair fits in the default 1024 probes
     assert snaps.layers["layer_01"].shape == (4, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "snapshots", "model"} <= artifacts

@@ -1,0 +1,332 @@
+"""Intrinsic-dimension estimators of point clouds (TwoNN, Levina–Bickel MLE), in torch, scikit-learn style.
+
+Both estimators take the logarithm of nearest-neighbour distances, so a zero distance (a duplicated point)
+would give inf/nan. The rule used throughout: **exact duplicate rows are removed before estimating**
+(``torch.unique(dim=0)``, first occurrence kept). ``fit`` records how many distinct points were used in
+``n_points_used_``; ``fit_pw`` returns one pointwise value per distinct point and the row indices of those
+points in the input in ``pw_index_`` (ascending; ``arange(n)`` when X has no duplicates). If fewer distinct
+points remain than an estimate needs, ``ValueError`` says how many there were and how many are needed.
+
+Pointwise estimates are computed for all neighbourhoods at once (chunked batched matmuls), not per point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from analysis.knn import ArrayLike, as_points, knn_from_points, unique_rows
+
+# Entries of the per-chunk neighbourhood tensors ([c, k, d] coordinates plus [c, k, k] distances) held at
+# once (16 MiB in float64). Fewer, larger chunks mean fewer parallel regions, which matters most when the
+# cores are shared with other processes.
+_PW_CHUNK_ELEMENTS = 2**21
+
+
+class _Estimator:
+    """Minimal scikit-learn estimator protocol: constructor only stores parameters."""
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def set_params(self, **params: Any) -> Self:
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"{type(self).__name__}: unknown parameter {name!r}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _check_int(value: Any, name: str, minimum: int, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_chunk(value: Any, who: str) -> int | None:
+    return None if value is None else _check_int(value, "chunk_size", 1, who)
+
+
+def _require_distinct(who: str, n_distinct: int, n_rows: int, needed: int, what: str) -> None:
+    if n_distinct < needed:
+        dup = f" ({n_rows} rows before removing exact duplicates)" if n_rows != n_distinct else ""
+        raise ValueError(
+            f"{who}: X has {n_distinct} distinct points{dup}, but {needed} distinct points are needed ({what})"
+        )
+
+
+def _warn_nonfinite(values: torch.Tensor, who: str, why: str) -> None:
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        warnings.warn(f"{who}: {bad} non-finite estimate(s): {why}", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------- TwoNN
+
+
+def _twonn_min_points(discard_fraction: float) -> int:
+    """Smallest N for which the fit keeps >= 2 ratios (n_keep of :func:`_twonn_slope`), and N >= 3."""
+    n = max(3, math.ceil(2.0 / (1.0 - discard_fraction)))
+    # Step up past float rounding in int(N * (1 - f)), which is how n_keep is computed.
+    while min(int(n * (1.0 - discard_fraction)), n - 1) < 2:
+        n += 1
+    return n
+
+
+def _twonn_slope(log_mu: torch.Tensor, discard_fraction: float) -> torch.Tensor:
+    """Facco et al. (2017), Eq. (5): slope of the line through the origin fitting -log(1 - F(mu)) vs log mu.
+
+    ``log_mu`` is [batch, N]; each row is one data set. As in skdim.id.TwoNN (method='linear'): the empirical
+    CDF is F_i = i / N over the sorted ratios, the largest ``discard_fraction`` of them are dropped
+    (n_keep = int(N * (1 - f)), at most N - 1) and the least-squares slope without intercept is
+    sum(x y) / sum(x^2), or 0 when all kept log mu are 0.
+    """
+    n = log_mu.shape[1]
+    # The largest ratio has F = N/N = 1 and -log(1 - F) = inf, so it never enters the fit; this only
+    # matters for discard_fraction = 0 (where skdim's fit fails on the infinity) since f > 0 drops it anyway.
+    n_keep = min(int(n * (1.0 - discard_fraction)), n - 1)
+    x = torch.sort(log_mu, dim=1).values[:, :n_keep]
+    femp = torch.arange(1, n_keep + 1, dtype=log_mu.dtype, device=log_mu.device) / n
+    y = -torch.log(1.0 - femp)
+    sxx = (x * x).sum(dim=1)
+    # All kept ratios exactly 1 (every point has tied first and second neighbours, e.g. a lattice) leaves
+    # no slope to fit; skdim's least-squares solver returns 0 there, and so does this.
+    return torch.where(sxx > 0, (x * y).sum(dim=1) / sxx, torch.zeros_like(sxx))
+
+
+def _pointwise_twonn(
+    X: torch.Tensor, knn_idx: torch.Tensor, discard_fraction: float, chunk_size: int | None
+) -> torch.Tensor:
+    """TwoNN fitted separately on every neighbourhood ``X[knn_idx[i]]``, all neighbourhoods batched."""
+    n, k = knn_idx.shape
+    d = X.shape[1]
+    if chunk_size is None:
+        chunk_size = max(1, min(n, _PW_CHUNK_ELEMENTS // (k * (d + k))))
+    # In float64 centring the whole cloud once makes ||x||^2 + ||y||^2 - 2 x.y accurate to ~1e-16 relative
+    # to the cloud's radius; float32 needs each neighbourhood centred on its own mean instead.
+    per_neighbourhood = X.dtype != torch.float64
+    Xc = X - X.mean(dim=0, keepdim=True)
+    sq_all = Xc.square().sum(dim=1)
+    out = torch.empty(n, dtype=torch.float64, device=X.device)
+    eye = torch.eye(k, dtype=torch.bool, device=X.device)
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        nb = Xc[knn_idx[start:stop]]  # [c, k, d]
+        if per_neighbourhood:
+            nb = nb - nb.mean(dim=1, keepdim=True)
+            sq = nb.square().sum(dim=2)
+        else:
+            sq = sq_all[knn_idx[start:stop]]  # [c, k]
+        # The row term ||x_a||^2 does not change which b is nearest to a; it is added after the minimum.
+        gram = torch.baddbmm(sq[:, None, :], nb, nb.transpose(1, 2), alpha=-2.0)  # [c, k, k]
+        gram.masked_fill_(eye, float("inf"))
+        # Two smallest per row by min / mask that one entry / min: several times faster than topk or sort
+        # on rows this short, and an exact tie for the nearest neighbour still gives r2 == r1 (mu = 1).
+        first, arg = gram.min(dim=2, keepdim=True)
+        second = gram.scatter_(2, arg, float("inf")).amin(dim=2, keepdim=True)
+        r1sq = (first.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
+        r2sq = (second.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
+        log_mu = 0.5 * (torch.log(r2sq) - torch.log(r1sq))
+        out[start:stop] = _twonn_slope(log_mu, discard_fraction)
+    return out
+
+
+class TwoNN(_Estimator):
+    """TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7:12140).
+
+    For every point the ratio mu = r2 / r1 of its second to first nearest-neighbour distance is
+    Pareto(1, d) distributed, so -log(1 - F(mu)) = d log mu (Eq. 5). The largest ``discard_fraction`` of
+    the ratios are dropped and d is the least-squares slope of that line through the origin.
+
+    Matches scikit-dimension 1:1 on data without duplicate rows (the formula of ``skdim.id.TwoNN._twonn``,
+    method='linear'):
+
+    * ``TwoNN(f).fit(X).dimension_ == skdim.id.TwoNN(discard_fraction=f).fit(X).dimension_``
+    * ``TwoNN(f).fit_pw(X, n_neighbors=k).dimension_pw_ ==
+      skdim.id.TwoNN(discard_fraction=f).fit_pw(X, n_neighbors=k).dimension_pw_``: the neighbourhood of a
+      point is its k nearest neighbours *excluding the point itself* (skdim's ``GlobalEstimator.fit_pw``
+      uses ``NearestNeighbors.kneighbors()`` without a query, which leaves the point out), and TwoNN is
+      fitted on those k points. Mean of ``dimension_pw_`` with k = 64 is the local/pointwise LID of
+      Ruppik et al. (2025).
+
+    With duplicates, skdim drops the points whose r1 is 0 and warns; here exact duplicate rows are removed
+    first (see the module docstring).
+
+    Parameters
+    ----------
+    discard_fraction : float in [0, 1)
+        Fraction of the largest ratios mu to discard (the paper's heuristic against noise; 0.1 is its value).
+        The single largest ratio is always left out (its -log(1 - F) is infinite); with 0 that is the only
+        one, which equals skdim with discard_fraction = 0.5 / N (skdim itself fails at 0).
+    chunk_size : int, optional
+        Query rows per chunk for the distance computations (memory bound); default chosen automatically.
+
+    Attributes
+    ----------
+    dimension_ : float
+        Estimated intrinsic dimension (after ``fit``).
+    n_points_used_ : int
+        Distinct points the last fit used.
+    dimension_pw_ : np.ndarray [n_points_used_]
+        Pointwise estimates (after ``fit_pw``), one per distinct point, in the order of ``pw_index_``.
+    pw_index_ : np.ndarray [n_points_used_]
+        Rows of X the pointwise estimates belong to (first occurrence of each distinct row, ascending).
+    n_neighbors_ : int
+        Neighbourhood size of the last ``fit_pw``.
+    """
+
+    def __init__(self, discard_fraction: float = 0.1, chunk_size: int | None = None) -> None:
+        self.discard_fraction = discard_fraction
+        self.chunk_size = chunk_size
+
+    def _checked_fraction(self, who: str) -> float:
+        f = self.discard_fraction
+        if isinstance(f, bool) or not isinstance(f, int | float | np.floating | np.integer) or not 0 <= f < 1:
+            raise ValueError(f"{who}: discard_fraction must be in [0, 1), got {f!r}")
+        return float(f)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> TwoNN:
+        """Estimate the global intrinsic dimension of the point cloud X [n_points, n_features]."""
+        who = "TwoNN.fit"
+        f = self._checked_fraction(who)
+        chunk = _check_chunk(self.chunk_size, who)
+        need = _twonn_min_points(f)
+        pts = as_points(X, min_points=need, who=who)
+        uniq, _ = unique_rows(pts)
+        _require_distinct(who, uniq.shape[0], pts.shape[0], need, f"TwoNN with discard_fraction={f}")
+        dist, _ = knn_from_points(uniq, 2, chunk)
+        dist = dist.to(torch.float64)
+        log_mu = torch.log(dist[:, 1] / dist[:, 0])
+        _warn_nonfinite(log_mu, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
+        self.dimension_ = float(_twonn_slope(log_mu[None, :], f)[0])
+        self.n_points_used_ = int(uniq.shape[0])
+        return self
+
+    def fit_pw(self, X: ArrayLike, n_neighbors: int = 64) -> TwoNN:
+        """Pointwise TwoNN: the estimator fitted on each point's ``n_neighbors`` nearest neighbours.
+
+        ``n_neighbors`` defaults to L = 64, the neighbourhood size of Ruppik et al. (2025). Exact duplicate
+        rows are removed first; ``dimension_pw_[i]`` belongs to row ``pw_index_[i]`` of X.
+        """
+        who = "TwoNN.fit_pw"
+        f = self._checked_fraction(who)
+        chunk = _check_chunk(self.chunk_size, who)
+        k = _check_int(n_neighbors, "n_neighbors", _twonn_min_points(f), who)
+        pts = as_points(X, min_points=k + 1, who=who)
+        uniq, kept = unique_rows(pts)
+        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        _, idx = knn_from_points(uniq, k, chunk)
+        dim = _pointwise_twonn(uniq, idx, f, chunk)
+        _warn_nonfinite(dim, who, "a nearest-neighbour distance inside a neighbourhood rounds to 0")
+        self.dimension_pw_ = dim.cpu().numpy()
+        self.pw_index_ = kept.cpu().numpy()
+        self.n_points_used_ = int(uniq.shape[0])
+        self.n_neighbors_ = k
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------- MLE
+
+
+class MLE(_Estimator):
+    """Maximum-likelihood intrinsic dimension (Levina & Bickel 2004, NeurIPS), MacKay–Ghahramani averaging.
+
+    Local estimate at x from the distances T_1(x) <= ... <= T_k(x) to its k nearest neighbours (the point
+    itself excluded), Levina & Bickel Eq. (8)::
+
+        m_k(x) = [ 1/(k-1) * sum_{j=1}^{k-1} log(T_k(x) / T_j(x)) ]^-1
+
+    (``unbiased=True`` uses k-2 instead of k-1, their bias-corrected variant). The global estimate averages
+    the *inverses*, as MacKay & Ghahramani (2005) proposed in their comment on the paper::
+
+        m_k = [ 1/n * sum_i m_k(x_i)^-1 ]^-1
+
+    Matches scikit-dimension 1:1 on data without duplicate rows:
+
+    * ``MLE(k).fit(X).dimension_ == skdim.id.MLE().fit(X, n_neighbors=k, comb='mle').dimension_``
+    * ``MLE(k).fit_pw(X, n_neighbors=k).dimension_pw_ == skdim.id.MLE().fit(X, n_neighbors=k).dimension_pw_``
+
+    i.e. skdim's defaults ``dnoise=None, sigma=0, integral_approximation='Haro', unbiased=False,
+    neighborhood_based=True`` (with ``dnoise=None`` its 'Haro' integral approximation reduces to the closed
+    form above) and ``comb='mle'`` (the 1 / mean(1 / m) averaging; skdim's default for MLE.fit).
+    ``MLE(unbiased=True)`` matches ``skdim.id.MLE(unbiased=True)``. skdim clamps n_neighbors >= n_points with
+    a warning; here that raises ``ValueError``. Exact duplicate rows are removed first (module docstring).
+
+    Parameters
+    ----------
+    n_neighbors : int
+        k, neighbours per point (>= 2, or >= 3 with ``unbiased``). skdim's default for MLE is 20.
+    unbiased : bool
+        Divide by k-2 instead of k-1 (Levina & Bickel's unbiased form of the local estimator).
+    chunk_size : int, optional
+        Query rows per chunk for the kNN search (memory bound); default chosen automatically.
+
+    Attributes
+    ----------
+    dimension_ : float
+        Global estimate (after ``fit``).
+    n_points_used_ : int
+        Distinct points the last fit used.
+    dimension_pw_ : np.ndarray [n_points_used_]
+        Local estimates m_k(x) (after ``fit_pw``), one per distinct point, in the order of ``pw_index_``.
+    pw_index_ : np.ndarray [n_points_used_]
+        Rows of X the pointwise estimates belong to (first occurrence of each distinct row, ascending).
+    n_neighbors_ : int
+        k of the last fit / fit_pw.
+    """
+
+    def __init__(self, n_neighbors: int = 20, unbiased: bool = False, chunk_size: int | None = None) -> None:
+        self.n_neighbors = n_neighbors
+        self.unbiased = unbiased
+        self.chunk_size = chunk_size
+
+    def _inverse_local(self, X: ArrayLike, k: Any, who: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """1 / m_k(x) for every distinct point; returns (inverse estimates, kept rows, distinct count)."""
+        chunk = _check_chunk(self.chunk_size, who)
+        k = _check_int(k, "n_neighbors", 3 if self.unbiased else 2, who)
+        pts = as_points(X, min_points=k + 1, who=who)
+        uniq, kept = unique_rows(pts)
+        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        dist, _ = knn_from_points(uniq, k, chunk)
+        log_d = torch.log(dist.to(torch.float64))
+        kfac = k - 2 if self.unbiased else k - 1
+        # The j = k term is log(T_k / T_k) = 0, so summing over all k columns equals the sum over j < k.
+        inv = (log_d[:, -1:] - log_d).sum(dim=1) / kfac
+        self.n_neighbors_ = k
+        self.n_points_used_ = int(uniq.shape[0])
+        return inv, kept, int(uniq.shape[0])
+
+    def fit(self, X: ArrayLike, y: Any = None) -> MLE:
+        """Global MLE dimension of X [n_points, n_features] with k = ``self.n_neighbors``."""
+        who = "MLE.fit"
+        inv, _, _ = self._inverse_local(X, self.n_neighbors, who)
+        _warn_nonfinite(inv, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
+        self.dimension_ = float(1.0 / inv.mean())
+        return self
+
+    def fit_pw(self, X: ArrayLike, n_neighbors: int | None = None) -> MLE:
+        """Local Levina–Bickel estimates m_k(x) for every distinct point (k defaults to ``n_neighbors``).
+
+        Exact duplicate rows are removed first; ``dimension_pw_[i]`` belongs to row ``pw_index_[i]`` of X.
+        A point whose k neighbours are all equidistant has m_k(x) = inf (the likelihood has no maximum);
+        that is reported with a RuntimeWarning.
+        """
+        who = "MLE.fit_pw"
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        inv, kept, _ = self._inverse_local(X, k, who)
+        dim = 1.0 / inv
+        _warn_nonfinite(dim, who, "all k neighbours equidistant, or a distance rounds to 0")
+        self.dimension_pw_ = dim.cpu().numpy()
+        self.pw_index_ = kept.cpu().numpy()
+        return self
