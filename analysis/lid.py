@@ -142,6 +142,14 @@ def _pointwise_twonn(
     return out
 
 
+def _twonn_from_knn(dist: torch.Tensor, discard_fraction: float, who: str) -> float:
+    """Global TwoNN from the sorted kNN distances [n, >= 2] of distinct points (only r1, r2 are used)."""
+    dist = dist[:, :2].to(torch.float64)
+    log_mu = torch.log(dist[:, 1] / dist[:, 0])
+    _warn_nonfinite(log_mu, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
+    return float(_twonn_slope(log_mu[None, :], discard_fraction)[0])
+
+
 class TwoNN(_Estimator):
     """TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7:12140).
 
@@ -206,10 +214,7 @@ class TwoNN(_Estimator):
         uniq, _ = unique_rows(pts)
         _require_distinct(who, uniq.shape[0], pts.shape[0], need, f"TwoNN with discard_fraction={f}")
         dist, _ = knn_from_points(uniq, 2, chunk)
-        dist = dist.to(torch.float64)
-        log_mu = torch.log(dist[:, 1] / dist[:, 0])
-        _warn_nonfinite(log_mu, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
-        self.dimension_ = float(_twonn_slope(log_mu[None, :], f)[0])
+        self.dimension_ = _twonn_from_knn(dist, f, who)
         self.n_points_used_ = int(uniq.shape[0])
         return self
 
@@ -237,6 +242,20 @@ class TwoNN(_Estimator):
 
 
 # ------------------------------------------------------------------------------------------------------- MLE
+
+
+def _mle_inverse_local(dist: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """1 / m_k(x) of Levina & Bickel Eq. (8) from the sorted distances [n, k] to the k nearest neighbours."""
+    k = dist.shape[1]
+    log_d = torch.log(dist.to(torch.float64))
+    # The j = k term is log(T_k / T_k) = 0, so summing over all k columns equals the sum over j < k.
+    return (log_d[:, -1:] - log_d).sum(dim=1) / (k - 2 if unbiased else k - 1)
+
+
+def _mle_global(inverse_local: torch.Tensor, who: str) -> float:
+    """MacKay & Ghahramani (2005): the global estimate is the inverse of the mean inverse local estimate."""
+    _warn_nonfinite(inverse_local, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
+    return float(1.0 / inverse_local.mean())
 
 
 class MLE(_Estimator):
@@ -299,10 +318,7 @@ class MLE(_Estimator):
         uniq, kept = unique_rows(pts)
         _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
         dist, _ = knn_from_points(uniq, k, chunk)
-        log_d = torch.log(dist.to(torch.float64))
-        kfac = k - 2 if self.unbiased else k - 1
-        # The j = k term is log(T_k / T_k) = 0, so summing over all k columns equals the sum over j < k.
-        inv = (log_d[:, -1:] - log_d).sum(dim=1) / kfac
+        inv = _mle_inverse_local(dist, self.unbiased)
         self.n_neighbors_ = k
         self.n_points_used_ = int(uniq.shape[0])
         return inv, kept, int(uniq.shape[0])
@@ -311,8 +327,7 @@ class MLE(_Estimator):
         """Global MLE dimension of X [n_points, n_features] with k = ``self.n_neighbors``."""
         who = "MLE.fit"
         inv, _, _ = self._inverse_local(X, self.n_neighbors, who)
-        _warn_nonfinite(inv, who, "first-neighbour distance rounds to 0 (near-duplicate points)")
-        self.dimension_ = float(1.0 / inv.mean())
+        self.dimension_ = _mle_global(inv, who)
         return self
 
     def fit_pw(self, X: ArrayLike, n_neighbors: int | None = None) -> MLE:
@@ -330,3 +345,28 @@ class MLE(_Estimator):
         self.dimension_pw_ = dim.cpu().numpy()
         self.pw_index_ = kept.cpu().numpy()
         return self
+
+
+# ------------------------------------------------------------------------------------------ shared kNN search
+
+
+def twonn_mle(X: ArrayLike, n_neighbors: int = 20, discard_fraction: float = 0.1) -> tuple[float, float]:
+    """Global TwoNN and MLE from one deduplication and one kNN search: the online path of a training loop.
+
+    Returns exactly ``(TwoNN(discard_fraction).fit(X).dimension_, MLE(n_neighbors).fit(X).dimension_)`` at
+    about half their combined cost (the k = n_neighbors search also gives TwoNN's r1 and r2). An estimate
+    that needs more distinct points than X has is NaN instead of an error, so a layer with a tiny
+    vocabulary does not stop the other estimate.
+    """
+    who = "twonn_mle"
+    k = _check_int(n_neighbors, "n_neighbors", 2, who)
+    need_twonn = _twonn_min_points(discard_fraction)
+    pts = as_points(X, min_points=1, who=who)
+    uniq, _ = unique_rows(pts)
+    n = uniq.shape[0]
+    if n < need_twonn:
+        return math.nan, math.nan
+    dist, _ = knn_from_points(uniq, min(k, n - 1))
+    twonn = _twonn_from_knn(dist, discard_fraction, who)
+    mle = _mle_global(_mle_inverse_local(dist, unbiased=False), who) if n >= k + 1 else math.nan
+    return twonn, mle

@@ -5,7 +5,7 @@ online geometry at the config's interval; "untracked" = the same loop, same eval
 logging and instrumentation off. The two alternate (A B A B ...) so drift of a shared machine hits both;
 we report each pair's ratio and the median.
 
-    python benchmarks/overhead.py                      # default config, 3 pairs of 500 steps
+    python benchmarks/overhead.py                      # the default job, 3 pairs
     python benchmarks/overhead.py --steps 300 --pairs 5 task.p=59
 """
 
@@ -62,7 +62,7 @@ def timed_train(config, tracked: bool, tmp: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "grokking.yaml"))
-    parser.add_argument("--steps", type=int, default=500, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     parser.add_argument("--pairs", type=int, default=3, help="tracked/untracked pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -73,7 +73,8 @@ def main() -> None:
     from workbench.runtime import configure_torch_threads
 
     threads = configure_torch_threads()
-    config = load_config(args.config, [*args.overrides, f"train.max_steps={args.steps}"])
+    steps = [f"train.max_steps={args.steps}"] if args.steps else []
+    config = load_config(args.config, [*args.overrides, *steps])
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         timed_train(config, tracked=False, tmp=Path(tmp))  # warm-up: imports, allocator, MLflow schema
@@ -89,7 +90,7 @@ def main() -> None:
         "what": "grokking loop, tracking on vs off, alternating pairs in one process",
         "config": args.config,
         "overrides": args.overrides,
-        "steps": args.steps,
+        "steps": config.train.max_steps,
         "snapshot_every": config.snapshot.every,
         "eval_every": config.train.eval_every,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}",

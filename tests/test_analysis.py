@@ -354,3 +354,23 @@ def test_effective_rank_of_a_zero_matrix_raises():
         EffectiveRank().fit(np.zeros((5, 3)))
     with pytest.raises(ValueError, match="after centring"):
         EffectiveRank(center=True).fit(np.ones((5, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_twonn_mle_equals_the_two_estimators_run_separately(seed):
+    from analysis import twonn_mle
+
+    X = _gaussian(800, 4, 32, seed=seed)
+    X[:50] = X[50:100]  # duplicates are removed the same way in both paths
+    twonn, mle = twonn_mle(X, n_neighbors=15)
+    assert twonn == pytest.approx(TwoNN().fit(X).dimension_, rel=1e-12)
+    assert mle == pytest.approx(MLE(n_neighbors=15).fit(X).dimension_, rel=1e-12)
+
+
+def test_twonn_mle_gives_nan_for_the_estimate_that_lacks_points():
+    from analysis import twonn_mle
+
+    X = _gaussian(12, 2, 4, seed=3)
+    twonn, mle = twonn_mle(X, n_neighbors=20)
+    assert twonn == pytest.approx(TwoNN().fit(X).dimension_) and np.isnan(mle)
+    assert all(np.isnan(v) for v in twonn_mle(X[:2], n_neighbors=20))

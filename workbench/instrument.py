@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from workbench.config import SnapshotConfig
@@ -21,16 +20,21 @@ if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-def geometry_features(config: SnapshotConfig) -> dict[str, Callable[[torch.Tensor], float]]:
-    """The cheap estimators logged online as `geom/<feature>/layer_<i>`."""
-    from analysis import MLE, EffectiveRank, TwoNN
+def layer_geometry(points: torch.Tensor, features: list[str], mle_neighbors: int) -> dict[str, float]:
+    """The cheap estimators logged online as `geom/<feature>/layer_<i>`; NaN where one cannot estimate.
 
-    available = {
-        "lid_twonn": lambda x: TwoNN().fit(x).dimension_,
-        "lid_mle": lambda x: MLE(n_neighbors=config.mle_neighbors).fit(x).dimension_,
-        "eff_rank": lambda x: EffectiveRank().fit(x).dimension_,
-    }
-    return {name: available[name] for name in config.geometry}
+    TwoNN and MLE share one deduplication and one kNN search (`twonn_mle`), the bulk of the cost.
+    """
+    from analysis import EffectiveRank, twonn_mle
+
+    if not bool(points.isfinite().all()):  # a diverged model: keep logging, the NaN is the signal
+        return dict.fromkeys(features, math.nan)
+    values: dict[str, float] = {}
+    if "lid_twonn" in features or "lid_mle" in features:
+        values["lid_twonn"], values["lid_mle"] = twonn_mle(points, n_neighbors=mle_neighbors)
+    if "eff_rank" in features:
+        values["eff_rank"] = EffectiveRank().fit(points).dimension_
+    return {feature: values[feature] for feature in features}
 
 
 class Instrument:
@@ -41,10 +45,9 @@ class Instrument:
         self.probe = probe
         self.tracker = tracker
         self.pooler = Pooler(probe, config.pooling, config.max_points, seed)
-        self.features = geometry_features(config)
         self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
         self.layers: list[int] = []
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # layers whose estimates were NaN, reported once
 
     def due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.every == 0
@@ -59,9 +62,9 @@ class Instrument:
         kept = {layer_name(i): states[i] for i in self.layers}
         self.writer.write(step, kept)
         metrics = {
-            f"geom/{feature}/{name}": self._estimate(feature, name, estimate, points)
+            f"geom/{feature}/{name}": value
             for name, points in kept.items()
-            for feature, estimate in self.features.items()
+            for feature, value in self._geometry(name, points).items()
         }
         self.tracker.log_metrics(metrics, step)
         return metrics
@@ -102,13 +105,10 @@ class Instrument:
             },
         )
 
-    def _estimate(self, feature: str, layer: str, estimate: Callable[[Any], float], points: Any) -> float:
-        # Too few distinct points (e.g. an embedding layer with a tiny vocabulary) gives no estimate,
-        # logged as NaN rather than failing the training run.
-        try:
-            return float(estimate(points))
-        except ValueError as exc:
-            if f"{feature}/{layer}" not in self._warned:
-                self._warned.add(f"{feature}/{layer}")
-                warnings.warn(f"geom/{feature}/{layer}: no estimate ({exc})", stacklevel=2)
-            return math.nan
+    def _geometry(self, layer: str, points: torch.Tensor) -> dict[str, float]:
+        values = layer_geometry(points, self.config.geometry, self.config.mle_neighbors)
+        missing = [feature for feature, value in values.items() if math.isnan(value)]
+        if missing and layer not in self._warned:  # e.g. an embedding layer of a tiny vocabulary
+            self._warned.add(layer)
+            warnings.warn(f"{layer}: too few distinct points for {', '.join(missing)}; logged as NaN", stacklevel=3)
+        return values
