@@ -88,7 +88,7 @@ def main() -> None:
     ratio = statistics.median(p["ratio"] for p in pairs)
     result = {
         "what": "grokking loop, tracking on vs off, alternating pairs in one process",
-        "config": args.config,
+        "config": os.path.relpath(args.config, ROOT),
         "overrides": args.overrides,
         "steps": config.train.max_steps,
         "snapshot_every": config.snapshot.every,
