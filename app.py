@@ -28,8 +28,9 @@ st.header("Runs")
 st.dataframe(pd.DataFrame(runs), hide_index=True)
 
 run_id = st.selectbox(
-    "Run", [r["run_id"] for r in runs], format_func=lambda i: next(f"{r['name']} ({i[:8]}, {r['status']})"
-                                                                   for r in runs if r["run_id"] == i)
+    "Run",
+    [r["run_id"] for r in runs],
+    format_func=lambda i: next(f"{r['name']} ({i[:8]}, {r['status']})" for r in runs if r["run_id"] == i),
 )
 histories = metric_histories(run_id, uri)
 

@@ -15,9 +15,7 @@ def first_step_at_least(steps: Sequence[int], values: Sequence[float], threshold
     return None
 
 
-def largest_change(
-    steps: Sequence[int], values: Sequence[float], start_step: int = 0
-) -> tuple[int, float] | None:
+def largest_change(steps: Sequence[int], values: Sequence[float], start_step: int = 0) -> tuple[int, float] | None:
     """The step ending the largest relative change between consecutive points at or after `start_step`.
 
     Returns (step, change relative to the previous value), or None with fewer than two finite points there.

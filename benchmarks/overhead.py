@@ -81,10 +81,14 @@ def main() -> None:
         for i in range(args.pairs):
             tracked, inside = timed_train(config, tracked=True, tmp=Path(tmp))
             untracked, _ = timed_train(config, tracked=False, tmp=Path(tmp))
-            pairs.append({"tracked_s": tracked, "untracked_s": untracked, "instrument_s": inside,
-                          "ratio": tracked / untracked})
-            print(f"pair {i}: tracked {tracked:.2f} s (instrument {inside:.2f} s), untracked {untracked:.2f} s, "
-                  f"ratio {tracked / untracked:.3f}", flush=True)
+            pairs.append(
+                {"tracked_s": tracked, "untracked_s": untracked, "instrument_s": inside, "ratio": tracked / untracked}
+            )
+            print(
+                f"pair {i}: tracked {tracked:.2f} s (instrument {inside:.2f} s), untracked {untracked:.2f} s, "
+                f"ratio {tracked / untracked:.3f}",
+                flush=True,
+            )
     ratio = statistics.median(p["ratio"] for p in pairs)
     result = {
         "what": "grokking loop, tracking on vs off, alternating pairs in one process",

@@ -160,8 +160,12 @@ def train(
             history.eval_steps.append(step)
             history.train_acc.append(metrics["train/acc"])
             history.eval_acc.append(metrics["eval/acc"])
-            bar.set_postfix(train_acc=f"{metrics['train/acc']:.3f}", test_acc=f"{metrics['eval/acc']:.3f}",
-                            **_latest_lid(history, last_layer_lid), refresh=False)
+            bar.set_postfix(
+                train_acc=f"{metrics['train/acc']:.3f}",
+                test_acc=f"{metrics['eval/acc']:.3f}",
+                **_latest_lid(history, last_layer_lid),
+                refresh=False,
+            )
         if instrument is not None:
             for key, value in instrument(model, step).items():
                 history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
@@ -214,8 +218,11 @@ def summarize(history: History) -> tuple[dict[str, float], list[str]]:
         f"final: train acc {history.train_acc[-1]:.3f}, test acc {history.eval_acc[-1]:.3f}",
     ]
     facts = {"final/train_acc": history.train_acc[-1], "final/eval_acc": history.eval_acc[-1]}
-    for name, value in (("memorisation_step", memorised), ("grokking_step", grokked),
-                        ("generalisation_step", generalised)):
+    for name, value in (
+        ("memorisation_step", memorised),
+        ("grokking_step", grokked),
+        ("generalisation_step", generalised),
+    ):
         if value is not None:
             facts[f"grokking/{name}"] = float(value)
     if history.geometry and memorised is not None:
@@ -249,7 +256,7 @@ def run(config: GrokkingConfig, tracker: Tracker) -> StageResult:
     probe = make_probe_set(data, config.snapshot.probes, config.seed)
     instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed)
     tracker.set_tags({"workbench.device": device})
-    history = train(config, model, data, tracker.log_metrics, instrument if config.snapshot.enabled else None, device)
+    history = train(config, model, data, tracker.log_metrics, instrument, device)
     facts, summary = summarize(history)
     tracker.log_metrics(facts, config.train.max_steps)
     model_uri = _log_model(model, tracker)

@@ -10,8 +10,14 @@ from workbench.config import TaskConfig, load_config
 from workbench.snapshots import load_snapshots
 
 DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
-TINY = ["task.p=11", "train.max_steps=30", "train.eval_every=5", "snapshot.every=10",
-        "model.hidden_size=32", "model.intermediate_size=64"]
+TINY = [
+    "task.p=11",
+    "train.max_steps=30",
+    "train.eval_every=5",
+    "snapshot.every=10",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
 
 
 @pytest.mark.parametrize(
@@ -121,8 +127,16 @@ def test_ls_lists_the_run_with_status_and_metrics(tracking_uri, capsys):
 @pytest.mark.slow
 def test_small_modulus_memorises_then_generalises(tracking_uri):
     """A fast-grokking setting (p=31, half the pairs, weight decay 2): memorise first, then test acc >= 0.95."""
-    args = ["task.p=31", "task.train_fraction=0.5", "optim.lr=3e-3", "optim.weight_decay=2",
-            "model.hidden_size=64", "model.intermediate_size=256", "train.max_steps=400", "snapshot.every=100"]
+    args = [
+        "task.p=31",
+        "task.train_fraction=0.5",
+        "optim.lr=3e-3",
+        "optim.weight_decay=2",
+        "model.hidden_size=64",
+        "model.intermediate_size=256",
+        "train.max_steps=400",
+        "snapshot.every=100",
+    ]
     assert main(["run", DEFAULT, *args, f"tracking.uri={tracking_uri}"]) == 0
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])

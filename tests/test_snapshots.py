@@ -19,8 +19,13 @@ from workbench.tracking import Tracker
 
 # Two probes of length 4; the second is left-padded by one token.
 MASK = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
-PROBE = ProbeSet(ids=[10, 20], input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=MASK,
-                 answer_positions=torch.tensor([2, 3]), labels=[0, 1])
+PROBE = ProbeSet(
+    ids=[10, 20],
+    input_ids=torch.zeros(2, 4, dtype=torch.long),
+    attention_mask=MASK,
+    answer_positions=torch.tensor([2, 3]),
+    labels=[0, 1],
+)
 HIDDEN = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
 
 
@@ -58,8 +63,17 @@ def test_answer_pooling_without_answer_positions_is_a_user_error():
 
 def write_run(tracking_uri, steps=(0, 50, 100)):
     tracker = Tracker.start(tracking_uri, "snapshots")
-    writer = SnapshotWriter(tracker, {"pooling": "token", "dtype": "float16", "layers": ["layer_00", "layer_01"],
-                                      "hidden_size": 3, "probe_ids": [10, 20], "points": [[10, 0], [20, 1]]})
+    writer = SnapshotWriter(
+        tracker,
+        {
+            "pooling": "token",
+            "dtype": "float16",
+            "layers": ["layer_00", "layer_01"],
+            "hidden_size": 3,
+            "probe_ids": [10, 20],
+            "points": [[10, 0], [20, 1]],
+        },
+    )
     arrays = {}
     for step in steps:
         layers = {name: torch.randn(2, 3) for name in ("layer_00", "layer_01")}

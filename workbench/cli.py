@@ -48,8 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkbenchError:
         raise
     except KeyboardInterrupt:
-        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, everything logged so far is kept",
-              file=sys.stderr)
+        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, everything logged so far is kept", file=sys.stderr)
         return 130
     except Exception as exc:
         traceback.print_exc()

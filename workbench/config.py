@@ -84,6 +84,7 @@ class StageConfig(_Strict):
 
 # --- the grokking stage -------------------------------------------------------------------------------
 
+
 class TaskConfig(_Strict):
     op: Literal["+", "-", "*", "/", "x^2+xy+y^2"] = Field("+", description="The binary operation a∘b mod p.")
     p: int = Field(97, ge=2, description="The modulus.")

@@ -198,6 +198,8 @@ def read_snapshot_dir(directory: str | Path) -> Snapshots:
                     f"index says {expected_dtype}{list(expected_shape)}"
                 )
             per_layer[name].append(array)
-    layers = {name: np.stack(arrays) if arrays else np.empty((0, *expected_shape), expected_dtype)
-              for name, arrays in per_layer.items()}
+    layers = {
+        name: np.stack(arrays) if arrays else np.empty((0, *expected_shape), expected_dtype)
+        for name, arrays in per_layer.items()
+    }
     return Snapshots(steps=list(index["steps"]), layers=layers, index=index)
