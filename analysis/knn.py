@@ -1,15 +1,32 @@
-"""Chunked exact k-nearest-neighbour distances in torch, plus the input checks shared by the estimators.
+"""Exact k-nearest-neighbour distances in torch (symmetric blocked search), plus the shared input checks.
 
 Everything here is arrays-in, tensors-out and runs on the device of the input, so it can be called inside a
 training loop on hidden states that are still on the GPU.
 
-Precision: on CPU all distances are computed in float64. On CUDA they are computed in float32 (float64 inputs
-stay float64), and the k selected distances are recomputed from coordinate differences (``refine``), which
-removes the cancellation error of the matmul formula where it matters, for the nearest neighbours.
+Algorithm (:func:`knn_from_points`). Squared distances come from ``||x||^2 + ||y||^2 - 2 x.y`` on centred
+points, one matmul per block. The distance matrix is symmetric, so only blocks on or above the diagonal
+are computed and each one is offered to both its row points and its column points; every point keeps a
+running top-k (values, indices and its current k-th smallest value ``tau``). After the first blocks, only a
+few entries of a block beat ``tau``, so a block is usually merged by one comparison pass plus a small sparse
+merge instead of a ``topk`` over the whole block. Memory: one block of distances (at most
+``chunk_size x max(chunk_size, 2**22 / chunk_size)`` entries, and never more than ``chunk_size x n``) plus
+O(block) temporaries, the running top-k (n x k) and O(n x d) copies of the points.
+
+Precision. float32 input is searched in float32 (on CPU too: half the work of float64); float64 input in
+float64; other dtypes (float16, bfloat16, integers) in float64 on CPU and float32 on accelerators
+(:func:`compute_dtype`). A float32 search is only used to *select* the k neighbours: their distances are
+then recomputed in float64 (``refine``): ``||x - y||^2`` from float64 dot products of points centred in
+float64 (a sampled matmul, no n x k x d gather), and, for the few pairs where that formula's round-off
+bound exceeds ~1e-13 relative (points far from the centroid compared with their distance), from float64
+coordinate differences. So returned distances carry ~1e-13 relative error whatever the search dtype; only
+neighbours tied to within float32 round-off (~1e-7 relative) can be selected differently from a float64
+search.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import TypeAlias
 
 import numpy as np
@@ -17,16 +34,29 @@ import torch
 
 ArrayLike: TypeAlias = np.ndarray | torch.Tensor
 
-# Upper bound on the number of pairwise-distance entries held in memory at once by the automatic chunk size
-# (2**21 float64 values = 16 MiB); large enough that the matmul is efficient, small enough to stay in cache.
-_CHUNK_ELEMENTS = 2**21
+# Distances held in one block by the automatic block shape: 2**22 float32 values = 16 MiB. Large enough
+# for a near-peak matmul (1024 x 768 x 4096 runs at ~95 % of the large-matmul rate on a 2-core CPU), small
+# enough that the comparison and merge passes over it stay cheap.
+_BLOCK_ELEMENTS = 2**22
+# Automatic row-block height. Blocks on the diagonal are computed in full (their lower half is wasted), so
+# they are re-split with the smaller leaf height: the waste is then n * _LEAF_ROWS / 2 of ~n^2 / 2 entries.
+_AUTO_ROWS = 1024
+_LEAF_ROWS = 256
+# Clouds with at most this many pairwise entries are searched as one full block (see _block_shape).
+_SMALL_ELEMENTS = 2**22
+# A refined squared distance is taken from the dot-product formula if its round-off bound
+# sqrt(d) * eps64 * (||x||^2 + ||y||^2) is below this fraction of it, else from coordinate differences.
+_REFINE_RTOL = 1e-13
+# Row pairs per chunk of the coordinate-difference fallback: bounds its [pairs, d] float64 temporary.
+_DIFF_ELEMENTS = 2**20
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """dtype in which distances are computed: float64 on CPU; float32 on accelerators unless X is float64."""
-    if device.type == "cpu" or dtype == torch.float64:
-        return torch.float64
-    return torch.float32
+    """dtype in which distances are searched: X's own dtype for float32/float64, else float64 on CPU
+    (float16/bfloat16/integers are exactly representable there) and float32 on accelerators."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def as_points(X: ArrayLike, *, min_points: int, who: str) -> torch.Tensor:
@@ -52,10 +82,13 @@ def as_points(X: ArrayLike, *, min_points: int, who: str) -> torch.Tensor:
     if n < min_points:
         raise ValueError(f"{who}: needs at least {min_points} points, got {n}")
     t = t.to(compute_dtype(t.device, t.dtype))
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{who}: X contains NaN or inf ({bad} non-finite entries)")
+    # A sum is NaN/inf whenever any term is, so one reduction (no n x d bool mask) clears the common case;
+    # only a non-finite sum (which may also be a harmless overflow) needs the element-wise check.
+    if n and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(f"{who}: X contains NaN or inf ({bad} non-finite entries)")
     return t
 
 
@@ -85,8 +118,163 @@ def unique_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return X[kept], kept
 
 
-def _auto_chunk(n_rows: int, row_elements: int) -> int:
-    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(1, row_elements)))
+class _RunningTopK:
+    """Per-point running k smallest squared distances, kept in a pool of ``width >= 2k`` slots per point.
+
+    New candidates are appended to a point's free slots; only when a point's pool would overflow is it
+    compacted to its k smallest (one topk over ``width`` values), which is also when ``tau``, the filter
+    threshold, is tightened to the current k-th smallest value. Between compactions tau is stale (too
+    large), which only lets a few more candidates through: the result is exact either way. This replaces a
+    topk-merge per block and per point by a scatter of the few new candidates.
+    """
+
+    def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k = k
+        self.width = max(4 * k, 32)
+        self.val = torch.full((n, self.width), math.inf, dtype=dtype, device=device)
+        self.idx = torch.zeros((n, self.width), dtype=torch.long, device=device)
+        self.fill = torch.zeros(n, dtype=torch.long, device=device)
+        self.tau = torch.full((n,), math.inf, dtype=dtype, device=device)
+        self.ready = False
+
+    def _merge(self, rows: slice | torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Replace the pools of ``rows`` by the k smallest of pool + candidates [m, c] (c may be 0)."""
+        cv = torch.cat([self.val[rows], vals], dim=1)
+        ci = torch.cat([self.idx[rows], idx], dim=1)
+        top, pos = torch.topk(cv, self.k, dim=1, largest=False, sorted=False)
+        pad = torch.full((top.shape[0], self.width - self.k), math.inf, dtype=top.dtype, device=top.device)
+        self.val[rows] = torch.cat([top, pad], dim=1)
+        self.idx[rows] = torch.cat([torch.gather(ci, 1, pos), torch.zeros_like(pad, dtype=torch.long)], dim=1)
+        self.fill[rows] = self.k
+        self.tau[rows] = top.amax(dim=1)
+
+    def offer(self, G: torch.Tensor, t0: int, s0: int, transposed: bool) -> None:
+        """Offer block G of squared distances: targets are G's rows (t0 + i) and sources its columns
+        (s0 + j), or, with ``transposed``, targets its columns and sources its rows."""
+        n_t, n_s = (G.shape[1], G.shape[0]) if transposed else G.shape
+        sl = slice(t0, t0 + n_t)
+        tau = self.tau[sl]
+        r = c = None
+        # Once a target has k candidates its tau stays finite, so after the diagonal squares this is one
+        # check for the whole search rather than one per block.
+        if not self.ready:
+            self.ready = not bool(torch.isinf(self.tau).any())
+        if self.ready or not bool(torch.isinf(tau).any()):
+            mask = G < (tau[None, :] if transposed else tau[:, None])
+            r, c = mask.nonzero(as_tuple=True)
+            if r.numel() == 0:
+                return
+        # Dense path: while a target has fewer than k candidates (its first block) or when tau is poor (data
+        # ordered so that neighbours come late) most entries pass, and one topk over the block is cheaper.
+        if r is None or r.numel() * 4 > G.numel():
+            Gt = G.T.contiguous() if transposed else G  # topk along contiguous rows is ~1.5x faster
+            vals, pos = torch.topk(Gt, min(self.k, n_s), dim=1, largest=False, sorted=False)
+            self._merge(sl, vals, pos + s0)
+            return
+        # Sparse path: append the few entries below tau to their targets' pools.
+        vals = G[r, c]
+        tgt, src = (c, r) if transposed else (r, c)
+        if transposed:  # group by target (nonzero lists entries in row-major order, i.e. by source)
+            order = torch.argsort(tgt, stable=True)
+            tgt, src, vals = tgt[order], src[order], vals[order]
+        counts = torch.bincount(tgt, minlength=n_t)
+        slot = torch.arange(tgt.numel(), device=G.device) - (torch.cumsum(counts, 0) - counts)[tgt]
+        if int((self.fill[sl] + counts).max()) > self.width:
+            full = (self.fill[sl] + counts > self.width).nonzero().squeeze(1) + t0
+            self._merge(full, vals.new_empty((full.numel(), 0)), src.new_empty((full.numel(), 0)))
+            if int((self.fill[sl] + counts).max()) > self.width:
+                # More new candidates for one target than a pool holds (poor tau): padded merge of all.
+                pv = torch.full((n_t, int(counts.max())), math.inf, dtype=G.dtype, device=G.device)
+                pi = torch.zeros(pv.shape, dtype=torch.long, device=G.device)
+                pv[tgt, slot] = vals
+                pi[tgt, slot] = src + s0
+                self._merge(sl, pv, pi)
+                return
+        pos = self.fill[sl][tgt] + slot
+        self.val[tgt + t0, pos] = vals
+        self.idx[tgt + t0, pos] = src + s0
+        self.fill[sl] += counts
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k smallest squared distances [n, k] (unsorted) and their indices."""
+        self._merge(slice(None), self.val[:, :0], self.idx[:, :0])
+        return self.val[:, : self.k], self.idx[:, : self.k]
+
+
+def _search(
+    Xc: torch.Tensor, sq: torch.Tensor, top: _RunningTopK, lo: int, hi: int, rows: int, leaf: int, width: int
+) -> None:
+    """Offer every pair (i, j), lo <= i, j < hi, i != j, to ``top`` once, computing only blocks on or above
+    the diagonal: row blocks of ``rows`` points against the columns to their right, ``width`` at a time;
+    diagonal squares are searched again with ``leaf`` rows, and leaf squares are computed in full."""
+    # Diagonal squares first: afterwards every point has a finite tau from its own block (if k < leaf), so
+    # the large off-diagonal blocks take the cheap sparse path from the start.
+    for a in range(lo, hi, rows):
+        b = min(hi, a + rows)
+        if b - a > leaf:
+            _search(Xc, sq, top, a, b, leaf, leaf, width)
+        else:
+            # torch.addmm is looked up at call time on purpose (tests spy on it to check the block bound).
+            G = torch.addmm(sq[None, a:b], Xc[a:b], Xc[a:b].T, alpha=-2.0).add_(sq[a:b, None])
+            G.fill_diagonal_(math.inf)
+            # The square holds both (i, j) and (j, i): offering it to its rows alone covers every pair once.
+            top.offer(G, a, a, transposed=False)
+    for a in range(lo, hi, rows):
+        b = min(hi, a + rows)
+        for c0 in range(b, hi, width):
+            c1 = min(hi, c0 + width)
+            G = torch.addmm(sq[None, c0:c1], Xc[a:b], Xc[c0:c1].T, alpha=-2.0).add_(sq[a:b, None])
+            top.offer(G, a, c0, transposed=False)
+            top.offer(G, c0, a, transposed=True)
+
+
+def _refined_sq_distances(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """float64 squared distances ``||X[i] - X[idx[i, j]]||^2`` for the [n, k] neighbour table ``idx``."""
+    n, k = idx.shape
+    d = X.shape[1]
+    # One pass and one [n, d] float64 allocation: X - centre promotes to float64, exactly for float32 X. Any
+    # approximate centre serves (it only has to shrink the norms), so the mean is taken in X's dtype; a
+    # dtype=float64 mean would first materialise a float64 copy of X.
+    X64 = torch.sub(X, X.mean(dim=0, keepdim=True).to(torch.float64))
+    sq = torch.linalg.vecdot(X64, X64)
+    rows = torch.arange(n, device=X.device).repeat_interleave(k)
+    cols = idx.reshape(-1)
+    try:
+        # Sampled matmul: the n * k dot products X64[i] . X64[j] without materialising [n, k, d] neighbour
+        # coordinates, which costs several times more in memory traffic than the arithmetic.
+        crow = torch.arange(0, n * k + 1, k, device=X.device)
+        zeros = torch.zeros(n * k, dtype=torch.float64, device=X.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": this one op is tested here
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols, zeros, (n, n), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(pattern, X64, X64.T, beta=0.0).values()
+    except (RuntimeError, NotImplementedError):  # a backend without sampled_addmm: batched dot products
+        dots = torch.empty(n * k, dtype=torch.float64, device=X.device)
+        step = max(1, _DIFF_ELEMENTS // d)
+        for s in range(0, n * k, step):
+            dots[s : s + step] = torch.linalg.vecdot(X64[rows[s : s + step]], X64[cols[s : s + step]])
+    scale = sq[rows] + sq[cols]
+    d2 = (scale - 2.0 * dots).clamp_min_(0.0)
+    # Round-off of the dot-product formula is ~sqrt(d) * eps * (||x||^2 + ||y||^2); where that is not far
+    # below d2 (a pair much closer than its distance to the centroid), take the coordinate differences.
+    bad = (scale * (math.sqrt(d) * torch.finfo(torch.float64).eps) > _REFINE_RTOL * d2).nonzero().squeeze(1)
+    step = max(1, _DIFF_ELEMENTS // d)
+    for s in range(0, bad.numel(), step):
+        sel = bad[s : s + step]
+        diff = X[rows[sel]].to(torch.float64) - X[cols[sel]].to(torch.float64)
+        d2[sel] = diff.square().sum(dim=1)
+    return d2.view(n, k)
+
+
+def _block_shape(n: int, chunk_size: int | None) -> tuple[int, int, int]:
+    """(rows, leaf rows, column width) of the blocks; rows * width <= max(rows^2, _BLOCK_ELEMENTS)."""
+    if chunk_size is None and n * n <= _SMALL_ELEMENTS:
+        # Small clouds: one full square and one topk beat the symmetric sweep's many small blocks.
+        return n, n, n
+    rows = min(n, _AUTO_ROWS if chunk_size is None else chunk_size)
+    leaf = min(rows, _LEAF_ROWS)
+    width = max(rows, _BLOCK_ELEMENTS // rows)
+    return rows, leaf, width
 
 
 def knn_from_points(
@@ -94,36 +282,30 @@ def knn_from_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn_distances` on an already validated tensor (see :func:`as_points`); no checks repeated."""
     n = X.shape[0]
-    if chunk_size is None:
-        chunk_size = _auto_chunk(n, n)
     if refine is None:
-        refine = X.dtype != torch.float64
+        refine = True
     # Distances are translation invariant; centring shrinks ||x||^2 relative to the distances and so the
     # cancellation error of ||x||^2 + ||y||^2 - 2 x.y.
     Xc = X - X.mean(dim=0, keepdim=True)
-    sq = Xc.square().sum(dim=1)
-    XcT = Xc.T.contiguous()
-    dists = torch.empty((n, k), dtype=X.dtype, device=X.device)
-    idx = torch.empty((n, k), dtype=torch.long, device=X.device)
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        rows = torch.arange(stop - start, device=X.device)
-        # ||q||^2 is constant along a row and does not change the ranking: it is added after topk, on k
-        # values instead of n.
-        block = torch.addmm(sq.expand(stop - start, n), Xc[start:stop], XcT, alpha=-2.0)
-        block[rows, rows + start] = float("inf")
-        vals, nn = torch.topk(block, k, dim=1, largest=False, sorted=True)
-        d2 = (vals + sq[start:stop, None]).clamp_min_(0.0)
-        if refine:
-            diff = Xc.index_select(0, nn.reshape(-1)).view(stop - start, k, -1) - Xc[start:stop, None, :]
-            d = torch.linalg.vector_norm(diff, dim=-1)
-            d, order = torch.sort(d, dim=1)
-            nn = torch.gather(nn, 1, order)
-        else:
-            d = d2.sqrt_()
-        dists[start:stop] = d
-        idx[start:stop] = nn
-    return dists, idx
+    # A power-of-two rescale (exact) keeps squared coordinates away from float32 overflow and underflow; it
+    # changes no ranking and the refined distances are computed from X itself.
+    amax = float(Xc.abs().amax()) if Xc.numel() else 0.0
+    scale = 1.0
+    if amax > 0 and not 2.0**-40 < amax < 2.0**40:
+        scale = 2.0 ** -math.frexp(amax)[1]
+        Xc = Xc * scale
+    sq = torch.linalg.vecdot(Xc, Xc)  # no [n, d] temporary
+    top = _RunningTopK(n, k, Xc.dtype, X.device)
+    rows, leaf, width = _block_shape(n, chunk_size)
+    _search(Xc, sq, top, 0, n, rows, leaf, width)
+    del Xc
+    val, idx = top.result()
+    if refine:
+        d2 = _refined_sq_distances(X, idx)
+    else:
+        d2 = val.to(torch.float64).clamp_min_(0.0) / (scale * scale)
+    d2, order = torch.sort(d2, dim=1, stable=True)
+    return d2.sqrt_(), torch.gather(idx, 1, order)
 
 
 def knn_distances(
@@ -131,26 +313,30 @@ def knn_distances(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Euclidean k-nearest-neighbour distances of every row of X to the other rows.
 
-    Squared distances come from ``||x||^2 + ||y||^2 - 2 x.y`` (one matmul per chunk, clamped at 0), the
-    point itself is excluded by masking the diagonal, and ``torch.topk`` picks the k smallest. Work is
-    chunked over query rows, so at most ``chunk_size x n_points`` distances exist at any time.
+    Exact brute force (every pair is compared), organised as a symmetric blocked search: see the module
+    docstring. The point itself is excluded; the k smallest squared distances per row are kept in a running
+    top-k while blocks on and above the diagonal of the distance matrix are computed.
 
     Parameters
     ----------
     X : array or tensor [n_points, n_features]
-        Any float dtype, on CPU or CUDA; computed on X's device (float64 on CPU, float32 on CUDA).
+        Any real dtype, on CPU or CUDA; searched on X's device in :func:`compute_dtype` (float32 input in
+        float32, float64 in float64).
     k : int
         Number of neighbours, ``1 <= k <= n_points - 1``.
     chunk_size : int, optional
-        Query rows per chunk. Default: as many as keep a chunk at about 2**21 distances.
+        Rows per block. A block holds at most ``chunk_size x max(chunk_size, 2**22 // chunk_size)`` and
+        never more than ``chunk_size x n_points`` distances. Default: 1024-row blocks of ~2**22 distances.
     refine : bool, optional
-        Recompute the k selected distances from coordinate differences (and re-sort). Default: on for
-        float32 computation (CUDA), off for float64 where the centred matmul formula is already accurate.
+        Recompute the k selected distances in float64 (dot products of float64-centred points, coordinate
+        differences where those could lose more than ~1e-13 relative; a duplicate's distance is exactly 0).
+        Default on (it costs a few percent); off returns the search's own values, which are float32-accurate
+        for a float32 search.
 
     Returns
     -------
-    dist : tensor [n_points, k]
-        Distances, ascending along each row, in the compute dtype, on X's device.
+    dist : tensor [n_points, k] (float64)
+        Distances, ascending along each row, on X's device.
     idx : tensor [n_points, k] (int64)
         Row indices of the neighbours. Duplicate rows are *not* removed here: a duplicate of a point is
         its neighbour at distance (numerically) 0.

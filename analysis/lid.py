@@ -1,13 +1,15 @@
-"""Intrinsic-dimension estimators of point clouds (TwoNN, Levina–Bickel MLE), in torch, scikit-learn style.
+"""Intrinsic-dimension estimators of point clouds (TwoNN, Levina–Bickel MLE, lPCA), in torch, scikit-learn style.
 
-Both estimators take the logarithm of nearest-neighbour distances, so a zero distance (a duplicated point)
-would give inf/nan. The rule used throughout: **exact duplicate rows are removed before estimating**
+TwoNN and MLE take the logarithm of nearest-neighbour distances, so a zero distance (a duplicated point)
+would give inf/nan; lPCA uses the same point set so that the three estimators describe the same cloud. The
+rule used throughout: **exact duplicate rows are removed before estimating**
 (``torch.unique(dim=0)``, first occurrence kept). ``fit`` records how many distinct points were used in
 ``n_points_used_``; ``fit_pw`` returns one pointwise value per distinct point and the row indices of those
 points in the input in ``pw_index_`` (ascending; ``arange(n)`` when X has no duplicates). If fewer distinct
 points remain than an estimate needs, ``ValueError`` says how many there were and how many are needed.
 
-Pointwise estimates are computed for all neighbourhoods at once (chunked batched matmuls), not per point.
+Pointwise estimates are computed for all neighbourhoods at once (chunked batched matmuls and batched
+eigenvalue decompositions), not per point.
 """
 
 from __future__ import annotations
@@ -344,6 +346,183 @@ class MLE(_Estimator):
         _warn_nonfinite(dim, who, "all k neighbours equidistant, or a distance rounds to 0")
         self.dimension_pw_ = dim.cpu().numpy()
         self.pw_index_ = kept.cpu().numpy()
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------ lPCA
+
+
+def _spectrum(X: torch.Tensor, center: bool) -> torch.Tensor:
+    """PCA eigenvalues of X [n, d] as ``skdim.id.lPCA._spectrum`` returns them, descending, float64.
+
+    ``center=True``: S^2 / (n - 1) of the centred X (sklearn's ``PCA().explained_variance_``); ``center=False``:
+    S^2 of X itself (skdim's eigenvalues of X.T @ X, not divided by n). Length min(n, d). Singular values
+    rather than eigenvalues of the covariance keep small eigenvalues accurate relative to themselves.
+    """
+    X = X.to(torch.float64)
+    if center:
+        X = X - X.mean(dim=0, keepdim=True)
+    sv = torch.linalg.svdvals(X)
+    return sv.square() / (X.shape[0] - 1) if center else sv.square()
+
+
+def _lpca_rule(ev: torch.Tensor, ver: str, alpha: float) -> torch.Tensor:
+    """Dimension from descending eigenvalues [batch, m] by skdim.id.lPCA's rule ``ver`` (int64 [batch]).
+
+    'FO' (Fukunaga & Olsen 1971): #{i : lambda_i > alpha * lambda_1}.
+    'ratio': 1 + #{j : sum_{i<=j} lambda_i / sum_i lambda_i < alpha}, the fewest leading components that keep
+    at least a fraction alpha of the variance (skdim normalises by the largest partial sum, as here).
+    """
+    if ver == "FO":
+        return (ev > alpha * ev[:, :1]).sum(dim=1)
+    partial = torch.cumsum(ev, dim=1)
+    return (partial / partial.amax(dim=1, keepdim=True) < alpha).sum(dim=1) + 1
+
+
+def _pointwise_lpca(
+    X: torch.Tensor, knn_idx: torch.Tensor, center: bool, ver: str, alpha: float, chunk_size: int | None
+) -> torch.Tensor:
+    """lPCA fitted separately on every neighbourhood ``X[knn_idx[i]]``, all neighbourhoods batched."""
+    n, k = knn_idx.shape
+    d = X.shape[1]
+    # A neighbourhood's non-zero eigenvalues are those of its d x d scatter matrix or, equally, of its
+    # k x k Gram matrix; the smaller one is decomposed. Both have min(k, d) eigenvalues, as skdim's PCA has.
+    m = min(k, d)
+    if chunk_size is None:
+        chunk_size = max(1, min(n, _PW_CHUNK_ELEMENTS // (k * d + m * m)))
+    out = torch.empty(n, dtype=torch.int64, device=X.device)
+    scale = 1.0 / (k - 1) if center else 1.0
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        # float64 for the decomposition even on CUDA: cheap on k x k matrices, and a float32 spectrum
+        # could flip an eigenvalue near the FO threshold.
+        nb = X[knn_idx[start:stop]].to(torch.float64)  # [c, k, d]
+        if center:
+            nb = nb - nb.mean(dim=1, keepdim=True)
+        gram = nb.transpose(1, 2) @ nb if d <= k else nb @ nb.transpose(1, 2)  # [c, m, m]
+        ev = torch.linalg.eigvalsh(gram * scale).flip(1)  # ascending -> descending
+        out[start:stop] = _lpca_rule(ev, ver, alpha)
+    return out
+
+
+class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
+    """PCA intrinsic dimension: how many principal components a cloud (or each neighbourhood) needs.
+
+    Global or local PCA dimension (Fukunaga & Olsen 1971, IEEE Trans. Comput. C-20:176; local use as in
+    Bruske & Sommer 1998 and Little, Maggioni & Rosasco 2017). With the PCA eigenvalues
+    lambda_1 >= ... >= lambda_m of X (covariance of the centred points, m = min(n, d)):
+
+    * ``ver='FO'`` (Fukunaga–Olsen, default): d = #{i : lambda_i > alpha_fo * lambda_1}, alpha_fo = 0.05.
+    * ``ver='ratio'``: the fewest leading components whose cumulative share of the variance reaches
+      alpha_ratio, d = 1 + #{j : sum_{i<=j} lambda_i / sum_i lambda_i < alpha_ratio}.
+
+    Matches scikit-dimension 1:1 (same eigenvalues up to round-off, same rule) on data without duplicates:
+
+    * ``lPCA(ver, alpha_fo, alpha_ratio, center).fit(X).dimension_ ==
+      skdim.id.lPCA(ver=ver, alphaFO=alpha_fo, alphaRatio=alpha_ratio, center=center).fit(X).dimension_``
+    * ``lPCA(...).fit_pw(X, n_neighbors=k).dimension_pw_ == skdim.id.lPCA(...).fit_pw(X, n_neighbors=k)
+      .dimension_pw_``: the neighbourhood of a point is its k nearest neighbours *excluding the point itself*
+      (as in :class:`TwoNN`), and PCA is done on those k points, centred on their own mean.
+
+    PCA measures *linear* dimension: a curved manifold needs more components than its intrinsic dimension
+    globally (a circle needs 2), which is why the pointwise (local) form exists; with too small a k, or with
+    noise whose variance exceeds alpha_fo times the top eigenvalue, the local estimate is biased in turn.
+    With k <= d a centred neighbourhood has rank <= k - 1, so d is at most k - 1.
+
+    Exact duplicate rows are removed first (module docstring), in ``fit`` too, so lPCA sees the same point set
+    as TwoNN and MLE; skdim would weight a duplicated row twice in the covariance.
+
+    Parameters
+    ----------
+    ver : {'FO', 'ratio'}
+        The rule applied to the eigenvalues (skdim's ``ver``; its other versions are not implemented).
+    alpha_fo : float in (0, 1)
+        'FO': fraction of the largest eigenvalue an eigenvalue must exceed (skdim's ``alphaFO``, 0.05).
+    alpha_ratio : float in (0, 1]
+        'ratio': fraction of the total variance the leading components must reach (skdim's ``alphaRatio``,
+        0.05; values such as 0.9 give the classic "components for 90 % of the variance").
+    center : bool
+        Centre the points (each neighbourhood on its own mean in ``fit_pw``) before PCA, as skdim's default.
+    chunk_size : int, optional
+        Query rows per chunk for the kNN search and the batched eigenvalues; default chosen automatically.
+
+    Attributes
+    ----------
+    dimension_ : int
+        Global estimate (after ``fit``).
+    eigenvalues_ : np.ndarray [min(n_points_used_, n_features)]
+        PCA eigenvalues of the distinct points, descending (skdim's ``explained_var_``; S^2 / (n - 1) when
+        centred, S^2 when not).
+    n_points_used_ : int
+        Distinct points the last fit used.
+    dimension_pw_ : np.ndarray [n_points_used_] of int64
+        Pointwise estimates (after ``fit_pw``), one per distinct point, in the order of ``pw_index_``.
+    pw_index_ : np.ndarray [n_points_used_]
+        Rows of X the pointwise estimates belong to (first occurrence of each distinct row, ascending).
+    n_neighbors_ : int
+        Neighbourhood size of the last ``fit_pw``.
+    """
+
+    def __init__(
+        self,
+        ver: str = "FO",
+        alpha_fo: float = 0.05,
+        alpha_ratio: float = 0.05,
+        center: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.ver = ver
+        self.alpha_fo = alpha_fo
+        self.alpha_ratio = alpha_ratio
+        self.center = center
+        self.chunk_size = chunk_size
+
+    def _checked_rule(self, who: str) -> tuple[str, float]:
+        if self.ver not in ("FO", "ratio"):
+            raise ValueError(f"{who}: ver must be 'FO' or 'ratio', got {self.ver!r}")
+        name = "alpha_fo" if self.ver == "FO" else "alpha_ratio"
+        alpha = getattr(self, name)
+        upper_ok = (lambda a: a < 1) if self.ver == "FO" else (lambda a: a <= 1)
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float | np.floating)
+            or not (0 < alpha and upper_ok(alpha))
+        ):
+            bound = "(0, 1)" if self.ver == "FO" else "(0, 1]"
+            raise ValueError(f"{who}: {name} must be in {bound}, got {alpha!r}")
+        return self.ver, float(alpha)
+
+    def fit(self, X: ArrayLike, y: Any = None) -> lPCA:
+        """Global PCA dimension of the distinct points of X [n_points, n_features]."""
+        who = "lPCA.fit"
+        ver, alpha = self._checked_rule(who)
+        pts = as_points(X, min_points=2, who=who)
+        uniq, _ = unique_rows(pts)
+        _require_distinct(who, uniq.shape[0], pts.shape[0], 2, "PCA needs a non-zero spread")
+        ev = _spectrum(uniq, bool(self.center))
+        self.dimension_ = int(_lpca_rule(ev[None, :], ver, alpha)[0])
+        self.eigenvalues_ = ev.cpu().numpy()
+        self.n_points_used_ = int(uniq.shape[0])
+        return self
+
+    def fit_pw(self, X: ArrayLike, n_neighbors: int = 64) -> lPCA:
+        """Local PCA dimension of every point's ``n_neighbors`` nearest neighbours (the point excluded).
+
+        ``n_neighbors`` defaults to 64 like :meth:`TwoNN.fit_pw` (skdim's default is 100). Exact duplicate rows
+        are removed first; ``dimension_pw_[i]`` belongs to row ``pw_index_[i]`` of X.
+        """
+        who = "lPCA.fit_pw"
+        ver, alpha = self._checked_rule(who)
+        chunk = _check_chunk(self.chunk_size, who)
+        k = _check_int(n_neighbors, "n_neighbors", 2, who)
+        pts = as_points(X, min_points=k + 1, who=who)
+        uniq, kept = unique_rows(pts)
+        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        _, idx = knn_from_points(uniq, k, chunk)
+        self.dimension_pw_ = _pointwise_lpca(uniq, idx, bool(self.center), ver, alpha, chunk).cpu().numpy()
+        self.pw_index_ = kept.cpu().numpy()
+        self.n_points_used_ = int(uniq.shape[0])
+        self.n_neighbors_ = k
         return self
 
 

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.geometry import FEATURE_METRICS
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,6 +90,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from workbench.analyze import analyze_run, parse_features
+
+    features = parse_features(args.features)
+    layers = args.layers.split(",") if args.layers else None
+    report = analyze_run(args.run_id, features, layers, args.tracking_uri)
+    print(f"run {args.run_id}: logged {report.logged} values, {report.skipped} already there")
+    for problem in report.problems[:10]:
+        print(f"  not computed: {problem}", file=sys.stderr)
+    if len(report.problems) > 10:
+        print(f"  ... and {len(report.problems) - 10} more", file=sys.stderr)
+    nothing = report.logged == 0 and report.skipped == 0
+    return 1 if nothing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",
@@ -104,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="YAML config, e.g. configs/grokking.yaml")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. train.max_steps=500 task.p=59")
     run.set_defaults(handler=cmd_run)
+
+    analyze = verbs.add_parser(
+        "analyze",
+        help="compute geometry features over every snapshot of a run and log them to it",
+        description="Compute geometry features over every stored snapshot of a run and log them to the same "
+        "run as geom/<feature>/layer_<i>. Idempotent and resumable; works on a run that is still training.",
+    )
+    analyze.add_argument("run_id", metavar="RUN_ID")
+    analyze.add_argument(
+        "--features",
+        default=",".join(FEATURE_METRICS),
+        help=f"comma-separated, some of: {', '.join(FEATURE_METRICS)} (default: all)",
+    )
+    analyze.add_argument("--layers", default=None, help="comma-separated layer names or indices (default: all)")
+    analyze.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    analyze.set_defaults(handler=cmd_analyze)
 
     ls = verbs.add_parser("ls", help="list recent runs with status and key metrics")
     ls.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")

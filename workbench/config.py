@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.errors import WorkbenchError
+from workbench.geometry import ONLINE_DEFAULT, Feature
 
 
 class _Strict(BaseModel):
@@ -26,9 +27,6 @@ class _Strict(BaseModel):
 class TrainConfig(_Strict):
     max_steps: int = Field(3000, gt=0, description="Optimizer steps to run.")
     eval_every: int = Field(10, gt=0, description="Evaluate and log train/eval metrics every N steps.")
-
-
-GeometryFeature = Literal["lid_twonn", "lid_mle", "eff_rank"]
 
 
 class SnapshotConfig(_Strict):
@@ -45,10 +43,14 @@ class SnapshotConfig(_Strict):
     max_points: int = Field(4096, gt=0, description="Cap on points per snapshot (token pooling).")
     probes: int = Field(1024, gt=0, description="Size of the fixed held-out probe set.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored precision of snapshots.")
-    geometry: list[GeometryFeature] = Field(
-        ["lid_twonn", "lid_mle", "eff_rank"], description="Online geometry logged as geom/<feature>/layer_<i>."
+    geometry: list[Feature] = Field(
+        list(ONLINE_DEFAULT),
+        description="Online geometry logged as geom/<feature>/layer_<i> (workbench/geometry.py lists them); "
+        "heavy ones (lid_local, tda) cost seconds per snapshot and are better left to `workbench analyze`.",
     )
     mle_neighbors: int = Field(20, gt=1, description="k of the Levina-Bickel MLE estimator.")
+    local_neighbors: int = Field(64, gt=2, description="Neighbourhood size of the pointwise (local) LID.")
+    tda_landmarks: int = Field(500, gt=1, description="Max-min landmarks persistent homology is computed on.")
 
 
 class TrackingConfig(_Strict):

@@ -6,35 +6,18 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
+from workbench.geometry import compute_geometry
 from workbench.snapshots import Pooler, ProbeSet, SnapshotWriter, layer_name
 
 if TYPE_CHECKING:
     import torch
 
     from workbench.tracking import Tracker
-
-
-def layer_geometry(points: torch.Tensor, features: list[str], mle_neighbors: int) -> dict[str, float]:
-    """The cheap estimators logged online as `geom/<feature>/layer_<i>`; NaN where one cannot estimate.
-
-    TwoNN and MLE share one deduplication and one kNN search (`twonn_mle`), the bulk of the cost.
-    """
-    from analysis import EffectiveRank, twonn_mle
-
-    if not bool(points.isfinite().all()):  # a diverged model: keep logging, the NaN is the signal
-        return dict.fromkeys(features, math.nan)
-    values: dict[str, float] = {}
-    if "lid_twonn" in features or "lid_mle" in features:
-        values["lid_twonn"], values["lid_mle"] = twonn_mle(points, n_neighbors=mle_neighbors)
-    if "eff_rank" in features:
-        values["eff_rank"] = EffectiveRank().fit(points).dimension_
-    return {feature: values[feature] for feature in features}
 
 
 class Instrument:
@@ -47,7 +30,7 @@ class Instrument:
         self.pooler = Pooler(probe, config.pooling, config.max_points, seed)
         self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
         self.layers: list[int] = []
-        self._warned: set[str] = set()  # layers whose estimates were NaN, reported once
+        self._warned: set[str] = set()  # problems already reported, so each is said once per run
 
     def due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.every == 0
@@ -106,9 +89,13 @@ class Instrument:
         )
 
     def _geometry(self, layer: str, points: torch.Tensor) -> dict[str, float]:
-        values = layer_geometry(points, self.config.geometry, self.config.mle_neighbors)
-        missing = [feature for feature, value in values.items() if math.isnan(value)]
-        if missing and layer not in self._warned:  # e.g. an embedding layer of a tiny vocabulary
-            self._warned.add(layer)
-            warnings.warn(f"{layer}: too few distinct points for {', '.join(missing)}; logged as NaN", stacklevel=3)
+        config = self.config
+        values, problems = compute_geometry(
+            points, config.geometry, config.mle_neighbors, config.local_neighbors, config.tda_landmarks
+        )
+        for problem in problems:
+            key = f"{layer}: {problem.split(':')[0]}"
+            if key not in self._warned:  # e.g. an embedding layer of a tiny vocabulary, at every snapshot
+                self._warned.add(key)
+                warnings.warn(f"geometry of {layer} not logged: {problem}", stacklevel=3)
         return values

@@ -1,0 +1,123 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import workbench.analyze as analyze
+from workbench.analyze import analyze_run
+from workbench.cli import main
+from workbench.geometry import FEATURE_METRICS, compute_geometry
+
+DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
+TINY = [
+    "task.p=11",
+    "train.max_steps=20",
+    "train.eval_every=5",
+    "snapshot.every=10",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
+
+
+def plane(n=600, d=3, D=16, seed=0):
+    """A d-dimensional linear cloud in D dimensions, with a 1e-3 noise floor so the spectrum has a tail."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) @ rng.normal(size=(d, D)) + 1e-3 * rng.normal(size=(n, D))).astype(np.float32)
+
+
+def test_every_feature_logs_exactly_its_metric_names_with_finite_values():
+    values, problems = compute_geometry(plane(), list(FEATURE_METRICS), local_neighbors=30, tda_landmarks=100)
+    assert problems == []
+    assert set(values) == {m for metrics in FEATURE_METRICS.values() for m in metrics}
+    assert all(math.isfinite(v) for v in values.values())
+    assert values["lid_twonn"] == pytest.approx(3, rel=0.15) and values["lid_mle"] == pytest.approx(3, rel=0.15)
+    assert values["lid_lpca"] == 3 and values["eff_rank"] < 16
+
+
+def test_nan_rows_are_dropped_and_said_never_logged_as_nan():
+    x = plane()
+    x[:5] = np.nan
+    values, problems = compute_geometry(x, ["lid_twonn", "lid_mle", "eff_rank"])
+    assert "5 of 600 points have NaN/inf" in problems[0]
+    assert values["lid_twonn"] == pytest.approx(compute_geometry(plane()[5:], ["lid_twonn"])[0]["lid_twonn"])
+    values, problems = compute_geometry(np.full((50, 4), np.nan), ["lid_twonn", "eff_rank"])
+    assert values == {} and len(problems) == 3
+
+
+def test_too_few_points_skips_only_the_feature_that_needs_more():
+    values, problems = compute_geometry(plane(n=30), ["lid_twonn", "lid_mle", "lid_local"], local_neighbors=64)
+    assert set(values) == {"lid_twonn", "lid_mle"}
+    assert len(problems) == 1 and problems[0].startswith("lid_local:") and "got 30" in problems[0]
+
+
+@pytest.fixture
+def tiny_run(tracking_uri):
+    assert main(["run", DEFAULT, *TINY, f"tracking.uri={tracking_uri}"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    return run.info.run_id
+
+
+def history_steps(uri, run_id, key):
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_analyze_logs_every_snapshot_once_and_a_second_call_adds_nothing(tracking_uri, tiny_run):
+    report = analyze_run(tiny_run, ["lid_local", "tda", "lid_twonn"], ["layer_01"], tracking_uri)
+    assert report.logged == 3 * (2 + 6)  # 3 snapshots x (lid_local + median, six tda metrics); twonn was online
+    assert report.skipped == 3
+    assert history_steps(tracking_uri, tiny_run, "geom/lid_local/layer_01") == [0, 10, 20]
+    assert history_steps(tracking_uri, tiny_run, "geom/tda_h1_total/layer_01") == [0, 10, 20]
+    assert history_steps(tracking_uri, tiny_run, "geom/lid_twonn/layer_01") == [0, 10, 20]
+    again = analyze_run(tiny_run, ["lid_local", "tda"], ["1"], tracking_uri)
+    assert again.logged == 0 and again.skipped == 6
+    assert history_steps(tracking_uri, tiny_run, "geom/lid_local/layer_01") == [0, 10, 20]
+
+
+def test_interrupted_analyze_keeps_its_work_and_resumes(tracking_uri, tiny_run, monkeypatch):
+    real, calls = analyze.compute_geometry, []
+
+    def interrupt_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analyze, "compute_geometry", interrupt_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_run(tiny_run, ["pr"], ["layer_01"], tracking_uri)
+    assert history_steps(tracking_uri, tiny_run, "geom/pr/layer_01") == [0]
+    monkeypatch.setattr(analyze, "compute_geometry", real)
+    resumed = analyze_run(tiny_run, ["pr"], ["layer_01"], tracking_uri)
+    assert resumed.logged == 2 and resumed.skipped == 1
+    assert history_steps(tracking_uri, tiny_run, "geom/pr/layer_01") == [0, 10, 20]
+
+
+def test_analyze_cli_reports_bad_input_on_one_line(tracking_uri, tiny_run, capsys):
+    capsys.readouterr()
+    cases = [
+        (["analyze", "0" * 32], "not found"),
+        (["analyze", tiny_run, "--layers", "layer_07"], "--layers: layer_07 not in this run"),
+        (["analyze", tiny_run, "--features", "lid_twonn,volume"], "--features: unknown ['volume']"),
+    ]
+    for args, expected in cases:
+        assert main([*args, "--tracking-uri", tracking_uri]) == 2
+        last = capsys.readouterr().err.splitlines()[-1]  # above it, at most MLflow's download progress
+        assert last.startswith("workbench: error:") and expected in last
+
+
+def test_analyze_cli_on_a_run_without_snapshots_exits_2(tracking_uri, capsys):
+    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    capsys.readouterr()
+    assert main(["analyze", run.info.run_id, "--tracking-uri", tracking_uri]) == 2
+    assert "no snapshots found" in capsys.readouterr().err
+
+
+def test_analyze_cli_logs_and_summarises(tracking_uri, tiny_run, capsys):
+    assert main(["analyze", tiny_run, "--features", "eff_rank,pr", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert "logged 6 values, 6 already there" in out  # pr is new on 2 layers x 3 steps; eff_rank was online
