@@ -8,7 +8,8 @@ points, one matmul per block. The distance matrix is symmetric, so only blocks o
 are computed and each one is offered to both its row points and its column points; every point keeps a
 running top-k (values, indices and its current k-th smallest value ``tau``). After the first blocks, only a
 few entries of a block beat ``tau``, so a block is usually merged by one comparison pass plus a small sparse
-merge instead of a ``topk`` over the whole block. Memory: one block of distances (at most
+merge instead of a ``topk`` over the whole block. Clouds of up to 4 096 points are one full block. Memory
+otherwise: one block of distances (at most
 ``chunk_size x max(chunk_size, 2**22 / chunk_size)`` entries, and never more than ``chunk_size x n``) plus
 O(block) temporaries, the running top-k (n x k) and O(n x d) copies of the points.
 
@@ -42,8 +43,9 @@ _BLOCK_ELEMENTS = 2**22
 # they are re-split with the smaller leaf height: the waste is then n * _LEAF_ROWS / 2 of ~n^2 / 2 entries.
 _AUTO_ROWS = 1024
 _LEAF_ROWS = 256
-# Clouds with at most this many pairwise entries are searched as one full block (see _block_shape).
-_SMALL_ELEMENTS = 2**22
+# Clouds with at most this many pairwise entries (4 096 points; 64 MiB of float32) are searched as one full
+# block (see _block_shape): measured ~2x faster than the sweep on 3 072 x 64 snapshots, the online case.
+_SMALL_ELEMENTS = 2**24
 # A refined squared distance is taken from the dot-product formula if its round-off bound
 # sqrt(d) * eps64 * (||x||^2 + ||y||^2) is below this fraction of it, else from coordinate differences.
 _REFINE_RTOL = 1e-13

@@ -104,7 +104,10 @@ def test_no_block_larger_than_the_chunk(monkeypatch):
     assert sizes and max(r * c for r, c in sizes) <= chunk * n
     assert max(r for r, _ in sizes) <= chunk
     sizes.clear()
-    knn_distances(torch.randn(3000, 8), 3)  # automatic blocks: at most 2**22 distances
+    knn_distances(torch.randn(3000, 8), 3)  # automatic: one full square up to 2**24 distances (4096 points)
+    assert max(r * c for r, c in sizes) == 3000 * 3000
+    sizes.clear()
+    knn_distances(torch.randn(5000, 8), 3)  # beyond that, blocks of at most 2**22 distances
     assert max(r * c for r, c in sizes) <= 2**22
 
 
