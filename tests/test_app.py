@@ -2,21 +2,11 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from workbench.cli import main
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_app_lists_runs_and_plots_accuracy_and_geometry(tracking_uri, monkeypatch):
-    args = [
-        "task.p=11",
-        "train.max_steps=20",
-        "snapshot.every=10",
-        "model.hidden_size=32",
-        "model.intermediate_size=64",
-        f"tracking.uri={tracking_uri}",
-    ]
-    assert main(["run", str(ROOT / "configs" / "grokking.yaml"), *args]) == 0
+def test_app_lists_runs_and_plots_accuracy_and_geometry(tracking_uri, run_grokking, monkeypatch):
+    run_grokking()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not app.exception

@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,16 +8,6 @@ import workbench.analyze as analyze
 from workbench.analyze import analyze_run
 from workbench.cli import main
 from workbench.geometry import FEATURE_METRICS, compute_geometry
-
-DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
-TINY = [
-    "task.p=11",
-    "train.max_steps=20",
-    "train.eval_every=5",
-    "snapshot.every=10",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-]
 
 
 def plane(n=600, d=3, D=16, seed=0):
@@ -53,11 +42,8 @@ def test_too_few_points_skips_only_the_feature_that_needs_more():
 
 
 @pytest.fixture
-def tiny_run(tracking_uri):
-    assert main(["run", DEFAULT, *TINY, f"tracking.uri={tracking_uri}"]) == 0
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
-    return run.info.run_id
+def tiny_run(run_grokking):
+    return run_grokking().info.run_id
 
 
 def history_steps(uri, run_id, key):
@@ -108,10 +94,8 @@ def test_analyze_cli_reports_bad_input_on_one_line(tracking_uri, tiny_run, capsy
         assert last.startswith("workbench: error:") and expected in last
 
 
-def test_analyze_cli_on_a_run_without_snapshots_exits_2(tracking_uri, capsys):
-    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+def test_analyze_cli_on_a_run_without_snapshots_exits_2(tracking_uri, run_grokking, capsys):
+    run = run_grokking("snapshot.enabled=false")
     capsys.readouterr()
     assert main(["analyze", run.info.run_id, "--tracking-uri", tracking_uri]) == 2
     assert "no snapshots found" in capsys.readouterr().err

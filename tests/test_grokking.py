@@ -1,23 +1,12 @@
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import DEFAULT_CONFIG
 from mlflow import MlflowClient
 
 import pipelines.grokking as grokking
 from workbench.cli import main
 from workbench.config import TaskConfig, load_config
 from workbench.snapshots import load_snapshots
-
-DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml")
-TINY = [
-    "task.p=11",
-    "train.max_steps=30",
-    "train.eval_every=5",
-    "snapshot.every=10",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-]
 
 
 @pytest.mark.parametrize(
@@ -51,17 +40,16 @@ def test_split_is_seeded_disjoint_and_sized_by_the_fraction():
     assert not set(one.train_ids.tolist()) & set(one.test_ids.tolist())
 
 
-def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, capsys):
-    assert main(["run", DEFAULT, *TINY, f"tracking.uri={tracking_uri}"]) == 0
+def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking, capsys):
+    run = run_grokking()
     out = capsys.readouterr().out
     client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
     assert run.info.run_id in out and "memorisation" in out and "mlflow ui" in out
     assert run.info.status == "FINISHED"
     assert run.data.params["task.p"] == "11"
     assert run.data.tags["workbench.stage"] == "grokking" and run.data.tags["workbench.device"] == "cpu"
     assert len(run.data.tags["workbench.config_hash"]) == 12
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == list(range(0, 31, 5))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == [0, 5, 10, 15, 20]
     for key in ("train/loss", "train/acc", "eval/loss", "weight_norm", "lr"):
         assert key in run.data.metrics
     layers = ("layer_00", "layer_01")  # embeddings + one block
@@ -71,30 +59,28 @@ def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, capsys):
     assert "geom/lid_mle/layer_00" not in run.data.metrics
     for feature, layer in logged:
         history = client.get_metric_history(run.info.run_id, f"geom/{feature}/{layer}")
-        assert [m.step for m in history] == [0, 10, 20, 30]
+        assert [m.step for m in history] == [0, 10, 20]
     snaps = load_snapshots(run.info.run_id, tracking_uri=tracking_uri)
-    assert snaps.steps == [0, 10, 20, 30] and sorted(snaps.layers) == list(layers)
+    assert snaps.steps == [0, 10, 20] and sorted(snaps.layers) == list(layers)
     n_probes = len(snaps.index["probe_ids"])
-    fraction = load_config(DEFAULT).task.train_fraction
+    fraction = load_config(DEFAULT_CONFIG).task.train_fraction
     assert n_probes == 121 - round(fraction * 121)  # every held-out pair fits in the default 1024 probes
-    assert snaps.layers["layer_01"].shape == (4, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
+    assert snaps.layers["layer_01"].shape == (3, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "snapshots", "model"} <= artifacts
 
 
-def test_saved_model_loads_back_with_from_pretrained(tracking_uri):
+def test_saved_model_loads_back_with_from_pretrained(tracking_uri, run_grokking):
     import mlflow
     from transformers import AutoModelForCausalLM
 
-    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    run = run_grokking("snapshot.enabled=false")
     local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", tracking_uri=tracking_uri)
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.hidden_size == 32 and model.config.vocab_size == 12
 
 
-def test_ctrl_c_mid_run_exits_130_marks_killed_and_keeps_metrics(tracking_uri, monkeypatch):
+def test_ctrl_c_mid_run_exits_130_marks_killed_and_keeps_metrics(tracking_uri, run_grokking, monkeypatch):
     real_evaluate, calls = grokking._evaluate, []
 
     def interrupt_on_third_eval(*args):
@@ -104,23 +90,19 @@ def test_ctrl_c_mid_run_exits_130_marks_killed_and_keeps_metrics(tracking_uri, m
         return real_evaluate(*args)
 
     monkeypatch.setattr(grokking, "_evaluate", interrupt_on_third_eval)
-    assert main(["run", DEFAULT, *TINY, "tracking.uri=" + tracking_uri]) == 130
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    run = run_grokking(exit_code=130)
     assert run.info.status == "KILLED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == [0, 5]
+    assert [m.step for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "eval/acc")] == [0, 5]
 
 
-def test_bad_layer_index_is_a_user_error_and_the_run_is_failed(tracking_uri, capsys):
-    assert main(["run", DEFAULT, *TINY, "snapshot.layers=[0, 7]", f"tracking.uri={tracking_uri}"]) == 2
+def test_bad_layer_index_is_a_user_error_and_the_run_is_failed(run_grokking, capsys):
+    run = run_grokking("snapshot.layers=[0, 7]", exit_code=2)
     assert "snapshot.layers: [7] out of range" in capsys.readouterr().err
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
     assert run.info.status == "FAILED"
 
 
-def test_ls_lists_the_run_with_status_and_metrics(tracking_uri, capsys):
-    assert main(["run", DEFAULT, *TINY, "snapshot.enabled=false", f"tracking.uri={tracking_uri}"]) == 0
+def test_ls_lists_the_run_with_status_and_metrics(tracking_uri, run_grokking, capsys):
+    run_grokking("snapshot.enabled=false")
     capsys.readouterr()
     assert main(["ls", "--tracking-uri", tracking_uri]) == 0
     out = capsys.readouterr().out
@@ -128,7 +110,7 @@ def test_ls_lists_the_run_with_status_and_metrics(tracking_uri, capsys):
 
 
 @pytest.mark.slow
-def test_small_modulus_memorises_then_generalises(tracking_uri):
+def test_small_modulus_memorises_then_generalises(tracking_uri, run_grokking):
     """A fast-grokking setting (p=31, half the pairs, weight decay 2): memorise first, then test acc >= 0.95."""
     args = [
         "task.p=31",
@@ -138,11 +120,10 @@ def test_small_modulus_memorises_then_generalises(tracking_uri):
         "model.hidden_size=64",
         "model.intermediate_size=256",
         "train.max_steps=400",
+        "train.eval_every=10",
         "snapshot.every=100",
     ]
-    assert main(["run", DEFAULT, *args, f"tracking.uri={tracking_uri}"]) == 0
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+    run = run_grokking(*args)  # later overrides win over the tiny job's
     metrics = run.data.metrics
     assert "grokking/generalisation_step" in metrics, "test accuracy never reached 0.95"
     assert metrics["grokking/memorisation_step"] < metrics["grokking/generalisation_step"]
