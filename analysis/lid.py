@@ -121,27 +121,43 @@ def _pointwise_twonn(
     Xc = X - X.mean(dim=0, keepdim=True)
     sq_all = Xc.square().sum(dim=1)
     out = torch.empty(n, dtype=torch.float64, device=X.device)
-    eye = torch.eye(k, dtype=torch.bool, device=X.device)
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         nb = Xc[knn_idx[start:stop]]  # [c, k, d]
         if per_neighbourhood:
-            nb = nb - nb.mean(dim=1, keepdim=True)
-            sq = nb.square().sum(dim=2)
+            log_mu, resolved = _neighbourhood_log_mu(nb - nb.mean(dim=1, keepdim=True))
+            # Near-duplicates (rows far closer than the neighbourhood's radius) are not resolved by the
+            # float32 Gram formula, whose error is ~sqrt(d) eps32 radius^2: redo those neighbourhoods in float64.
+            if not bool(resolved.all()):
+                nb64 = nb[~resolved].to(torch.float64)
+                log_mu[~resolved] = _neighbourhood_log_mu(nb64 - nb64.mean(dim=1, keepdim=True))[0]
         else:
-            sq = sq_all[knn_idx[start:stop]]  # [c, k]
-        # The row term ||x_a||^2 does not change which b is nearest to a; it is added after the minimum.
-        gram = torch.baddbmm(sq[:, None, :], nb, nb.transpose(1, 2), alpha=-2.0)  # [c, k, k]
-        gram.masked_fill_(eye, float("inf"))
-        # Two smallest per row by min / mask that one entry / min: several times faster than topk or sort
-        # on rows this short, and an exact tie for the nearest neighbour still gives r2 == r1 (mu = 1).
-        first, arg = gram.min(dim=2, keepdim=True)
-        second = gram.scatter_(2, arg, float("inf")).amin(dim=2, keepdim=True)
-        r1sq = (first.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
-        r2sq = (second.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
-        log_mu = 0.5 * (torch.log(r2sq) - torch.log(r1sq))
+            log_mu, _ = _neighbourhood_log_mu(nb, sq_all[knn_idx[start:stop]])
         out[start:stop] = _twonn_slope(log_mu, discard_fraction)
     return out
+
+
+def _neighbourhood_log_mu(nb: torch.Tensor, sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(r2 / r1) of every point of every neighbourhood in ``nb`` [c, k, d], among that neighbourhood.
+
+    ``sq`` are the squared norms of the points (computed from ``nb`` when not given). Also returns, per
+    neighbourhood, whether every r1^2 is at least 1 % of the largest squared norm: then the Gram formula's
+    round-off (~sqrt(d) eps radius^2) is a small fraction of r1^2 even in float32.
+    """
+    k = nb.shape[1]
+    if sq is None:
+        sq = nb.square().sum(dim=2)  # [c, k]
+    # The row term ||x_a||^2 does not change which b is nearest to a; it is added after the minimum.
+    gram = torch.baddbmm(sq[:, None, :], nb, nb.transpose(1, 2), alpha=-2.0)  # [c, k, k]
+    gram.masked_fill_(torch.eye(k, dtype=torch.bool, device=nb.device), float("inf"))
+    # Two smallest per row by min / mask that one entry / min: several times faster than topk or sort
+    # on rows this short, and an exact tie for the nearest neighbour still gives r2 == r1 (mu = 1).
+    first, arg = gram.min(dim=2, keepdim=True)
+    second = gram.scatter_(2, arg, float("inf")).amin(dim=2, keepdim=True)
+    r1sq = (first.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
+    r2sq = (second.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
+    resolved = (r1sq >= 1e-2 * sq.amax(dim=1, keepdim=True)).all(dim=1)
+    return 0.5 * (torch.log(r2sq) - torch.log(r1sq)), resolved
 
 
 def _twonn_from_knn(dist: torch.Tensor, discard_fraction: float, who: str) -> float:

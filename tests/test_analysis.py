@@ -640,3 +640,14 @@ def test_recovery_on_benchmark_manifolds_within_the_reported_tolerance(benchmark
             assert 0.6 * d < twonn < d and 0.6 * d < mle < d, (name, d, twonn, mle)
     X, d = benchmark_manifolds["M9_Affine"]
     assert lPCA().fit(X).dimension_ == d  # a linear space: PCA is exact
+
+
+def test_pointwise_twonn_of_float32_near_duplicates_is_finite_and_matches_float64():
+    """Distinct rows closer than float32 resolves in the Gram formula must not give an infinite ratio."""
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=(200, 16)) * 10
+    X = np.vstack([base, base[:40] + 1e-6 * rng.normal(size=(40, 16))])  # near-, not exact, duplicates
+    ours32 = TwoNN().fit_pw(X.astype(np.float32), n_neighbors=30).dimension_pw_
+    ours64 = TwoNN().fit_pw(X.astype(np.float32).astype(np.float64), n_neighbors=30).dimension_pw_
+    assert np.isfinite(ours32).all()
+    np.testing.assert_allclose(ours32, ours64, rtol=1e-2)  # before the float64 redo: inf, or off by 113 %

@@ -17,7 +17,7 @@ def plane(n=600, d=3, D=16, seed=0):
 
 
 def test_every_feature_logs_exactly_its_metric_names_with_finite_values():
-    values, problems = compute_geometry(plane(), list(FEATURE_METRICS), local_neighbors=30, tda_landmarks=100)
+    values, problems, _ = compute_geometry(plane(), list(FEATURE_METRICS), local_neighbors=30, tda_landmarks=100)
     assert problems == []
     assert set(values) == {m for metrics in FEATURE_METRICS.values() for m in metrics}
     assert all(math.isfinite(v) for v in values.values())
@@ -28,15 +28,15 @@ def test_every_feature_logs_exactly_its_metric_names_with_finite_values():
 def test_nan_rows_are_dropped_and_said_never_logged_as_nan():
     x = plane()
     x[:5] = np.nan
-    values, problems = compute_geometry(x, ["lid_twonn", "lid_mle", "eff_rank"])
+    values, problems, _ = compute_geometry(x, ["lid_twonn", "lid_mle", "eff_rank"])
     assert "5 of 600 points have NaN/inf" in problems[0]
     assert values["lid_twonn"] == pytest.approx(compute_geometry(plane()[5:], ["lid_twonn"])[0]["lid_twonn"])
-    values, problems = compute_geometry(np.full((50, 4), np.nan), ["lid_twonn", "eff_rank"])
+    values, problems, _ = compute_geometry(np.full((50, 4), np.nan), ["lid_twonn", "eff_rank"])
     assert values == {} and len(problems) == 3
 
 
 def test_too_few_points_skips_only_the_feature_that_needs_more():
-    values, problems = compute_geometry(plane(n=30), ["lid_twonn", "lid_mle", "lid_local"], local_neighbors=64)
+    values, problems, _ = compute_geometry(plane(n=30), ["lid_twonn", "lid_mle", "lid_local"], local_neighbors=64)
     assert set(values) == {"lid_twonn", "lid_mle"}
     assert len(problems) == 1 and problems[0].startswith("lid_local:") and "got 30" in problems[0]
 
@@ -105,3 +105,19 @@ def test_analyze_cli_logs_and_summarises(tracking_uri, tiny_run, capsys):
     assert main(["analyze", tiny_run, "--features", "eff_rank,pr", "--tracking-uri", tracking_uri]) == 0
     out = capsys.readouterr().out
     assert "logged 6 values, 6 already there" in out  # pr is new on 2 layers x 3 steps; eff_rank was online
+
+
+def test_compute_geometry_times_each_feature():
+    result = compute_geometry(plane(), ["lid_twonn", "lid_mle", "pr"])
+    assert set(result.seconds) == {"lid_twonn", "lid_mle", "pr"} and all(t >= 0 for t in result.seconds.values())
+
+
+def test_online_geometry_over_budget_moves_the_costliest_features_offline(tracking_uri, run_grokking):
+    with pytest.warns(UserWarning, match=r"over snapshot.geometry_budget_s=1e-09; .* no longer computed online"):
+        run = run_grokking("snapshot.geometry=[lid_twonn, lid_local, tda]", "snapshot.geometry_budget_s=1e-9")
+    offline = run.data.tags["workbench.geometry_offline"].split(",")
+    assert set(offline) == {"lid_twonn", "lid_local", "tda"}  # a budget nothing fits in: all move offline
+    assert history_steps(tracking_uri, run.info.run_id, "geom/lid_twonn/layer_01") == [0]  # logged once, then not
+    later = analyze_run(run.info.run_id, offline, ["layer_01"], tracking_uri)
+    assert later.skipped == 3  # the three features of step 0
+    assert history_steps(tracking_uri, run.info.run_id, "geom/tda_h1_total/layer_01") == [0, 10, 20]

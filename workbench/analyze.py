@@ -70,7 +70,7 @@ def analyze_run(
             report.skipped += len(features) - len(todo)
             if not todo:
                 continue
-            values, problems = compute_geometry(
+            values, problems, _ = compute_geometry(
                 snaps.layers[name][i],
                 todo,
                 settings.mle_neighbors,

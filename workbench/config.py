@@ -48,6 +48,12 @@ class SnapshotConfig(_Strict):
         description="Online geometry logged as geom/<feature>/layer_<i> (workbench/geometry.py lists them); "
         "heavy ones (lid_local, tda) cost seconds per snapshot and are better left to `workbench analyze`.",
     )
+    geometry_budget_s: float = Field(
+        1.0,
+        gt=0,
+        description="Online geometry time per snapshot; when a snapshot takes longer, its costliest features "
+        "move offline for the rest of the run (compute them with `workbench analyze`).",
+    )
     mle_neighbors: int = Field(20, gt=1, description="k of the Levina-Bickel MLE estimator.")
     local_neighbors: int = Field(64, gt=2, description="Neighbourhood size of the pointwise (local) LID.")
     tda_landmarks: int = Field(500, gt=1, description="Max-min landmarks persistent homology is computed on.")

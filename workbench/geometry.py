@@ -8,8 +8,9 @@ online by default (`ONLINE_DEFAULT`); the rest (pointwise LID, lPCA, TDA, spectr
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,18 +31,24 @@ FEATURE_METRICS: dict[str, tuple[str, ...]] = {
 ONLINE_DEFAULT: tuple[str, ...] = ("lid_twonn", "lid_mle", "eff_rank")
 
 
+class GeometryResult(NamedTuple):
+    metrics: dict[str, float]  # metric name -> finite value
+    problems: list[str]  # one line per feature that could not be computed, saying why
+    seconds: dict[str, float]  # feature -> time it took (the shared TwoNN+MLE search counts for lid_twonn)
+
+
 def compute_geometry(
     points: torch.Tensor | np.ndarray,
     features: Sequence[str],
     mle_neighbors: int = 20,
     local_neighbors: int = 64,
     tda_landmarks: int = 500,
-) -> tuple[dict[str, float], list[str]]:
+) -> GeometryResult:
     """The requested features of a point cloud [points, hidden].
 
-    Returns (metrics, problems): only finite values are returned, so no NaN is ever logged; each feature
-    that could not be computed (too few distinct points, a degenerate cloud) gets one line in `problems`
-    saying why. Rows with NaN/inf (a diverging model) are dropped first, and that is a problem line too.
+    Only finite values are returned, so no NaN is ever logged; each feature that could not be computed
+    (too few distinct points, a degenerate cloud) gets one line in `problems` saying why. Rows with NaN/inf
+    (a diverging model) are dropped first, and that is a problem line too.
     """
     import torch
 
@@ -64,25 +71,31 @@ def compute_geometry(
         "tda": lambda: PersistentHomology(n_landmarks=tda_landmarks).fit(x).features_,
     }
     metrics: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     wanted = list(features)
     if "lid_twonn" in wanted and "lid_mle" in wanted and len(x):  # one dedup and one kNN search for both
+        start = time.perf_counter()
         twonn, mle = twonn_mle(x, n_neighbors=mle_neighbors)
+        seconds["lid_twonn"] = time.perf_counter() - start
         # A NaN here means too few distinct points: the separate estimator then raises and says why.
         if math.isfinite(twonn):
             estimators["lid_twonn"] = lambda: {"lid_twonn": twonn}
         if math.isfinite(mle):
             estimators["lid_mle"] = lambda: {"lid_mle": mle}
     for feature in wanted:
+        start = time.perf_counter()
         try:
             values = estimators[feature]()
         except ValueError as exc:  # the estimators' documented error for too few or degenerate points
             problems.append(f"{feature}: {exc}")
             continue
+        finally:
+            seconds[feature] = seconds.get(feature, 0.0) + time.perf_counter() - start
         bad = [name for name, value in values.items() if not math.isfinite(value)]
         if bad:
             problems.append(f"{feature}: no finite estimate for {', '.join(bad)} on {len(x)} points")
         metrics.update({name: float(value) for name, value in values.items() if math.isfinite(value)})
-    return metrics, problems
+    return GeometryResult(metrics, problems, seconds)
 
 
 def _pointwise_summary(dimension_pw: np.ndarray) -> dict[str, float]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from workbench.config import SnapshotConfig
@@ -30,6 +31,7 @@ class Instrument:
         self.pooler = Pooler(probe, config.pooling, config.max_points, seed)
         self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
         self.layers: list[int] = []
+        self.online = list(config.geometry)  # shrinks if a snapshot's geometry overruns its time budget
         self._warned: set[str] = set()  # problems already reported, so each is said once per run
 
     def due(self, step: int) -> bool:
@@ -44,12 +46,14 @@ class Instrument:
             self._start(states)
         kept = {layer_name(i): states[i] for i in self.layers}
         self.writer.write(step, kept)
-        metrics = {
-            f"geom/{feature}/{name}": value
-            for name, points in kept.items()
-            for feature, value in self._geometry(name, points).items()
-        }
+        metrics: dict[str, float] = {}
+        seconds: Counter[str] = Counter()
+        for name, points in kept.items():
+            values, cost = self._geometry(name, points)
+            metrics.update({f"geom/{metric}/{name}": value for metric, value in values.items()})
+            seconds.update(cost)
         self.tracker.log_metrics(metrics, step)
+        self._keep_within_budget(seconds)
         return metrics
 
     def _pooled_states(self, model: Any) -> list[torch.Tensor]:
@@ -88,14 +92,35 @@ class Instrument:
             },
         )
 
-    def _geometry(self, layer: str, points: torch.Tensor) -> dict[str, float]:
+    def _geometry(self, layer: str, points: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
         config = self.config
-        values, problems = compute_geometry(
-            points, config.geometry, config.mle_neighbors, config.local_neighbors, config.tda_landmarks
+        values, problems, seconds = compute_geometry(
+            points, self.online, config.mle_neighbors, config.local_neighbors, config.tda_landmarks
         )
         for problem in problems:
             key = f"{layer}: {problem.split(':')[0]}"
             if key not in self._warned:  # e.g. an embedding layer of a tiny vocabulary, at every snapshot
                 self._warned.add(key)
                 warnings.warn(f"geometry of {layer} not logged: {problem}", stacklevel=3)
-        return values
+        return values, seconds
+
+    def _keep_within_budget(self, seconds: Counter[str]) -> None:
+        """Training must not wait on geometry: over budget, the costliest features go offline for good."""
+        budget, total = self.config.geometry_budget_s, sum(seconds.values())
+        moved = []
+        for feature, cost in seconds.most_common():
+            if total <= budget:
+                break
+            self.online.remove(feature)
+            moved.append(feature)
+            total -= cost
+        if moved:
+            offline = [f for f in self.config.geometry if f not in self.online]
+            self.tracker.set_tags({"workbench.geometry_offline": ",".join(offline)})
+            warnings.warn(
+                f"online geometry took {sum(seconds.values()):.2f} s per snapshot, over snapshot.geometry_budget_s="
+                f"{budget:g}; {', '.join(moved)} no longer computed online: "
+                f"`workbench analyze {self.tracker.run_id} --features {','.join(offline)}` computes them from the "
+                "snapshots",
+                stacklevel=3,
+            )
