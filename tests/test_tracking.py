@@ -69,3 +69,13 @@ def test_unwritable_tracking_location_is_a_user_error(tmp_path):
             start(uri)
     finally:
         locked.chmod(0o700)
+
+
+def test_unreachable_tracking_server_fails_fast_with_one_line():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(WorkbenchError, match=rf"tracking.uri: cannot reach MLflow server at http://127.0.0.1:{port}"):
+        start(f"http://127.0.0.1:{port}")  # without the check, MLflow retries for ~2 minutes first

@@ -50,6 +50,19 @@ def project_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _check_server_reachable(tracking_uri: str) -> None:
+    """Fail in seconds on a server that is down: MLflow's own retries would hang for minutes first."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise WorkbenchError(f"tracking.uri: cannot reach MLflow server at {tracking_uri} ({reason})") from None
+
+
 class Tracker:
     """An open MLflow run. Use as a context manager so the status is set however the block ends."""
 
@@ -76,6 +89,7 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter on first use
         logging.getLogger("alembic").setLevel(logging.WARNING)
         tracking_uri = resolve_tracking_uri(uri)
+        _check_server_reachable(tracking_uri)
         try:
             client = MlflowClient(tracking_uri)
             found = client.get_experiment_by_name(experiment)
