@@ -16,7 +16,7 @@ from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
 from workbench.geometry import FEATURE_METRICS, compute_geometry
 from workbench.snapshots import load_snapshots
-from workbench.tracking import Tracker, resolve_tracking_uri
+from workbench.tracking import Tracker, open_store
 
 
 @dataclass
@@ -42,12 +42,10 @@ def analyze_run(
     settings: SnapshotConfig | None = None,
 ) -> AnalyzeReport:
     """Compute `features` on every snapshot of `run_id` (all layers unless `layers`) and log them to it."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    uri = resolve_tracking_uri(tracking_uri)
     settings = settings or SnapshotConfig()
-    client = MlflowClient(uri)
+    client, uri = open_store(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:

@@ -6,19 +6,17 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.tracking import resolve_tracking_uri
+from workbench.tracking import open_store, resolve_tracking_uri
 
 KEY_METRICS = ("train/acc", "eval/acc", "grokking/grokking_step")
 
 
 def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict]:
     """Newest runs first, one dict of display strings per run (id, experiment, stage, status, metrics)."""
-    from mlflow import MlflowClient
-
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return []  # listing must not create an empty store as a side effect
-    client = MlflowClient(uri)
+    client, _ = open_store(uri)
     try:
         experiments = client.search_experiments()
     except Exception as exc:  # MLflow raises several types for an unusable store
@@ -51,9 +49,7 @@ def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, 
 
 def metric_histories(run_id: str, tracking_uri: str | None = None, prefix: str = "") -> dict[str, tuple[list, list]]:
     """Every logged value of a run's metrics whose key starts with `prefix`: key -> (steps, values)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client, _ = open_store(tracking_uri)
     keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(prefix))
     histories = {}
     for key in keys:

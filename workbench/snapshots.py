@@ -147,13 +147,11 @@ _INDEX_KEYS = ("format_version", "steps", "layers", "pooling", "dtype", "hidden_
 
 def load_snapshots(run_id: str, tracking_uri: str | None = None) -> Snapshots:
     """Download a run's snapshots from any tracking store and load them, checked against the index."""
-    import mlflow
+    from workbench.tracking import open_store
 
-    from workbench.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
+    client, uri = open_store(tracking_uri)
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SNAPSHOT_DIR, tracking_uri=uri)
+        local = client.download_artifacts(run_id, SNAPSHOT_DIR, tempfile.mkdtemp(prefix="workbench-load-"))
     except Exception as exc:  # MLflow raises several types for a missing run or artifact
         raise WorkbenchError(f"run {run_id}: no snapshots found in {uri} ({str(exc).splitlines()[0]})") from None
     return read_snapshot_dir(local)

@@ -63,6 +63,23 @@ def _check_server_reachable(tracking_uri: str) -> None:
         raise WorkbenchError(f"tracking.uri: cannot reach MLflow server at {tracking_uri} ({reason})") from None
 
 
+def open_store(uri: str | None) -> tuple[Any, str]:
+    """(MlflowClient, resolved URI) for a tracking store; a server that is down is a user error in seconds."""
+    from mlflow import MlflowClient
+
+    resolved = resolve_tracking_uri(uri)
+    _check_server_reachable(resolved)
+    try:
+        return MlflowClient(resolved), resolved
+    except Exception as exc:  # e.g. a sqlite file that cannot be created
+        raise _store_error(resolved, exc) from None
+
+
+def _store_error(uri: str, exc: Exception) -> WorkbenchError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WorkbenchError(f"tracking.uri: cannot use tracking store {uri!r}: {first_line}")
+
+
 class Tracker:
     """An open MLflow run. Use as a context manager so the status is set however the block ends."""
 
@@ -84,20 +101,15 @@ class Tracker:
         flush_seconds: float = 5.0,
     ) -> Tracker:
         """Open (or create) the store and experiment and start a run; an unusable store is a user error."""
-        from mlflow import MlflowClient
-
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter on first use
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        tracking_uri = resolve_tracking_uri(uri)
-        _check_server_reachable(tracking_uri)
+        client, tracking_uri = open_store(uri)
         try:
-            client = MlflowClient(tracking_uri)
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
             run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         except Exception as exc:  # MLflow raises many types here (sqlalchemy, OSError, REST errors)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WorkbenchError(f"tracking.uri: cannot use tracking store {tracking_uri!r}: {first_line}") from None
+            raise _store_error(tracking_uri, exc) from None
         return cls(client, run.info.run_id, tracking_uri, flush_seconds)
 
     # --- metrics ------------------------------------------------------------------------------------
