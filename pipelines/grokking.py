@@ -148,12 +148,14 @@ def train(
     x_train, y_train = data.inputs[data.train_ids].to(device), data.targets[data.train_ids].to(device)
     x_test, y_test = data.inputs[data.test_ids].to(device), data.targets[data.test_ids].to(device)
     history = History([], [], [], {})
-    last_layer_lid = "lid_twonn/layer_"
     task = config.task
     bar = tqdm(total=config.train.max_steps, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
     for step in range(config.train.max_steps + 1):
         logits = model(input_ids=x_train, logits_to_keep=1).logits[:, -1]
         loss = F.cross_entropy(logits, y_train)
+        if instrument is not None:  # before the progress bar, so it shows this step's LID
+            for key, value in instrument(model, step).items():
+                history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
         if step % config.train.eval_every == 0 or step == config.train.max_steps:
             metrics = _evaluate(model, logits, loss, y_train, x_test, y_test, schedule.get_last_lr()[0])
             log(metrics, step)
@@ -163,12 +165,9 @@ def train(
             bar.set_postfix(
                 train_acc=f"{metrics['train/acc']:.3f}",
                 test_acc=f"{metrics['eval/acc']:.3f}",
-                **_latest_lid(history, last_layer_lid),
+                **_latest_lid(history),
                 refresh=False,
             )
-        if instrument is not None:
-            for key, value in instrument(model, step).items():
-                history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
         if step == config.train.max_steps:
             break
         opt.zero_grad(set_to_none=True)
@@ -202,8 +201,9 @@ def _evaluate(
     }
 
 
-def _latest_lid(history: History, prefix: str) -> dict[str, str]:
-    keys = sorted(k for k in history.geometry if k.startswith(prefix))
+def _latest_lid(history: History) -> dict[str, str]:
+    """The last layer's most recent TwoNN LID, for the progress bar."""
+    keys = sorted(k for k in history.geometry if k.startswith("lid_twonn/layer_"))
     return {"lid": f"{history.geometry[keys[-1]][-1][1]:.2f}"} if keys else {}
 
 

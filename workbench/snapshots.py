@@ -109,16 +109,15 @@ class SnapshotWriter:
     def __init__(self, tracker: Tracker, index: dict[str, Any]) -> None:
         self.tracker = tracker
         self.index = {"format_version": FORMAT_VERSION, **index, "steps": []}
-        self._dir = tempfile.TemporaryDirectory(prefix="workbench-snapshots-")
 
     def write(self, step: int, layers: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         dtype = _torch_dtype(self.index["dtype"])
-        path = Path(self._dir.name) / snapshot_file(step)
-        save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in layers.items()}, str(path))
-        self.tracker.log_artifact(path, SNAPSHOT_DIR)
-        path.unlink()
+        with tempfile.TemporaryDirectory(prefix="workbench-snapshot-") as tmp:
+            path = Path(tmp) / snapshot_file(step)
+            save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in layers.items()}, str(path))
+            self.tracker.log_artifact(path, SNAPSHOT_DIR)
         self.index["steps"].append(step)
         # The index is rewritten after each file so a reader of a live or crashed run sees a consistent set.
         self.tracker.log_text(json.dumps(self.index), f"{SNAPSHOT_DIR}/{INDEX_FILE}")
@@ -150,11 +149,13 @@ def load_snapshots(run_id: str, tracking_uri: str | None = None) -> Snapshots:
     from workbench.tracking import open_store
 
     client, uri = open_store(tracking_uri)
-    try:
-        local = client.download_artifacts(run_id, SNAPSHOT_DIR, tempfile.mkdtemp(prefix="workbench-load-"))
-    except Exception as exc:  # MLflow raises several types for a missing run or artifact
-        raise WorkbenchError(f"run {run_id}: no snapshots found in {uri} ({str(exc).splitlines()[0]})") from None
-    return read_snapshot_dir(local)
+    with tempfile.TemporaryDirectory(prefix="workbench-load-") as tmp:  # arrays are read into memory
+        try:
+            local = client.download_artifacts(run_id, SNAPSHOT_DIR, tmp)
+        except Exception as exc:  # MLflow raises several types for a missing run or artifact
+            reason = str(exc).splitlines()[0]
+            raise WorkbenchError(f"run {run_id}: no snapshots found in {uri} ({reason})") from None
+        return read_snapshot_dir(local)
 
 
 def read_snapshot_dir(directory: str | Path) -> Snapshots:
