@@ -230,30 +230,32 @@ def _search(
             top.offer(G, c0, a, transposed=True)
 
 
-def _refined_sq_distances(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """float64 squared distances ``||X[i] - X[idx[i, j]]||^2`` for the [n, k] neighbour table ``idx``."""
-    n, k = idx.shape
-    d = X.shape[1]
+def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 squared distances ``||X[q] - X[idx[i, j]]||^2`` with q = ``queries[i]`` (default: q = i) for the
+    [m, k] table ``idx``."""
+    m, k = idx.shape
+    n, d = X.shape
     # One pass and one [n, d] float64 allocation: X - centre promotes to float64, exactly for float32 X. Any
     # approximate centre serves (it only has to shrink the norms), so the mean is taken in X's dtype; a
     # dtype=float64 mean would first materialise a float64 copy of X.
     X64 = torch.sub(X, X.mean(dim=0, keepdim=True).to(torch.float64))
     sq = torch.linalg.vecdot(X64, X64)
-    rows = torch.arange(n, device=X.device).repeat_interleave(k)
+    Q64 = X64 if queries is None else X64[queries]
+    rows = (torch.arange(m, device=X.device) if queries is None else queries).repeat_interleave(k)
     cols = idx.reshape(-1)
     try:
-        # Sampled matmul: the n * k dot products X64[i] . X64[j] without materialising [n, k, d] neighbour
+        # Sampled matmul: the m * k dot products X64[q] . X64[j] without materialising [m, k, d] neighbour
         # coordinates, which costs several times more in memory traffic than the arithmetic.
-        crow = torch.arange(0, n * k + 1, k, device=X.device)
-        zeros = torch.zeros(n * k, dtype=torch.float64, device=X.device)
+        crow = torch.arange(0, m * k + 1, k, device=X.device)
+        zeros = torch.zeros(m * k, dtype=torch.float64, device=X.device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": this one op is tested here
             warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, cols, zeros, (n, n), check_invariants=False)
-            dots = torch.sparse.sampled_addmm(pattern, X64, X64.T, beta=0.0).values()
+            pattern = torch.sparse_csr_tensor(crow, cols, zeros, (m, n), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(pattern, Q64, X64.T, beta=0.0).values()
     except (RuntimeError, NotImplementedError):  # a backend without sampled_addmm: batched dot products
-        dots = torch.empty(n * k, dtype=torch.float64, device=X.device)
+        dots = torch.empty(m * k, dtype=torch.float64, device=X.device)
         step = max(1, _DIFF_ELEMENTS // d)
-        for s in range(0, n * k, step):
+        for s in range(0, m * k, step):
             dots[s : s + step] = torch.linalg.vecdot(X64[rows[s : s + step]], X64[cols[s : s + step]])
     scale = sq[rows] + sq[cols]
     d2 = (scale - 2.0 * dots).clamp_min_(0.0)
@@ -265,7 +267,7 @@ def _refined_sq_distances(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         sel = bad[s : s + step]
         diff = X[rows[sel]].to(torch.float64) - X[cols[sel]].to(torch.float64)
         d2[sel] = diff.square().sum(dim=1)
-    return d2.view(n, k)
+    return d2.view(m, k)
 
 
 def _block_shape(n: int, chunk_size: int | None) -> tuple[int, int, int]:
@@ -303,7 +305,7 @@ def knn_from_points(
     del Xc
     val, idx = top.result()
     if refine:
-        d2 = _refined_sq_distances(X, idx)
+        d2 = refined_sq_distances(X, idx)
     else:
         d2 = val.to(torch.float64).clamp_min_(0.0) / (scale * scale)
     d2, order = torch.sort(d2, dim=1, stable=True)

@@ -22,7 +22,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from analysis.knn import ArrayLike, as_points, knn_from_points, unique_rows
+from analysis.knn import ArrayLike, as_points, knn_from_points, refined_sq_distances, unique_rows
 
 # Entries of the per-chunk neighbourhood tensors ([c, k, d] coordinates plus [c, k, k] distances) held at
 # once (16 MiB in float64). Fewer, larger chunks mean fewer parallel regions, which matters most when the
@@ -107,57 +107,41 @@ def _twonn_slope(log_mu: torch.Tensor, discard_fraction: float) -> torch.Tensor:
     return torch.where(sxx > 0, (x * y).sum(dim=1) / sxx, torch.zeros_like(sxx))
 
 
-def _pointwise_twonn(
-    X: torch.Tensor, knn_idx: torch.Tensor, discard_fraction: float, chunk_size: int | None
-) -> torch.Tensor:
-    """TwoNN fitted separately on every neighbourhood ``X[knn_idx[i]]``, all neighbourhoods batched."""
-    n, k = knn_idx.shape
-    d = X.shape[1]
-    if chunk_size is None:
-        chunk_size = max(1, min(n, _PW_CHUNK_ELEMENTS // (k * (d + k))))
-    # In float64 centring the whole cloud once makes ||x||^2 + ||y||^2 - 2 x.y accurate to ~1e-16 relative
-    # to the cloud's radius; float32 needs each neighbourhood centred on its own mean instead.
-    per_neighbourhood = X.dtype != torch.float64
-    Xc = X - X.mean(dim=0, keepdim=True)
-    sq_all = Xc.square().sum(dim=1)
-    out = torch.empty(n, dtype=torch.float64, device=X.device)
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        nb = Xc[knn_idx[start:stop]]  # [c, k, d]
-        if per_neighbourhood:
-            log_mu, resolved = _neighbourhood_log_mu(nb - nb.mean(dim=1, keepdim=True))
-            # Near-duplicates (rows far closer than the neighbourhood's radius) are not resolved by the
-            # float32 Gram formula, whose error is ~sqrt(d) eps32 radius^2: redo those neighbourhoods in float64.
-            if not bool(resolved.all()):
-                nb64 = nb[~resolved].to(torch.float64)
-                log_mu[~resolved] = _neighbourhood_log_mu(nb64 - nb64.mean(dim=1, keepdim=True))[0]
-        else:
-            log_mu, _ = _neighbourhood_log_mu(nb, sq_all[knn_idx[start:stop]])
-        out[start:stop] = _twonn_slope(log_mu, discard_fraction)
-    return out
+def _pointwise_twonn(X: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, discard_fraction: float) -> torch.Tensor:
+    """TwoNN fitted separately on every neighbourhood ``N_i = X[idx[i]]``, from the kNN table alone.
 
-
-def _neighbourhood_log_mu(nb: torch.Tensor, sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(r2 / r1) of every point of every neighbourhood in ``nb`` [c, k, d], among that neighbourhood.
-
-    ``sq`` are the squared norms of the points (computed from ``nb`` when not given). Also returns, per
-    neighbourhood, whether every r1^2 is at least 1 % of the largest squared norm: then the Gram formula's
-    round-off (~sqrt(d) eps radius^2) is a small fraction of r1^2 even in float32.
+    TwoNN on N_i needs, for each j in N_i, its two nearest neighbours *within* N_i. j's own sorted global
+    list ``idx[j]`` holds its k nearest points overall, so the first two of them that lie in N_i are exactly
+    those two (a closer member of N_i would come earlier in the list). That turns n small k x k distance
+    problems into membership lookups; only the rare j whose list holds fewer than two members of N_i
+    (~0.2 % on hidden-state-like clouds) has its distances to N_i computed (in float64, sampled matmul).
     """
-    k = nb.shape[1]
-    if sq is None:
-        sq = nb.square().sum(dim=2)  # [c, k]
-    # The row term ||x_a||^2 does not change which b is nearest to a; it is added after the minimum.
-    gram = torch.baddbmm(sq[:, None, :], nb, nb.transpose(1, 2), alpha=-2.0)  # [c, k, k]
-    gram.masked_fill_(torch.eye(k, dtype=torch.bool, device=nb.device), float("inf"))
-    # Two smallest per row by min / mask that one entry / min: several times faster than topk or sort
-    # on rows this short, and an exact tie for the nearest neighbour still gives r2 == r1 (mu = 1).
-    first, arg = gram.min(dim=2, keepdim=True)
-    second = gram.scatter_(2, arg, float("inf")).amin(dim=2, keepdim=True)
-    r1sq = (first.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
-    r2sq = (second.squeeze(2) + sq).clamp_min_(0.0).to(torch.float64)
-    resolved = (r1sq >= 1e-2 * sq.amax(dim=1, keepdim=True)).all(dim=1)
-    return 0.5 * (torch.log(r2sq) - torch.log(r1sq)), resolved
+    n, k = idx.shape
+    r1 = torch.empty(n, k, dtype=torch.float64, device=X.device)
+    r2 = torch.empty_like(r1)
+    flat_dist = dist.reshape(-1)
+    chunk = max(1, min(n, _PW_CHUNK_ELEMENTS // max(n, k * k)))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        nb = idx[start:stop]  # [c, k]: the neighbourhoods
+        member = torch.zeros(stop - start, n, dtype=torch.uint8, device=X.device)
+        member.scatter_(1, nb, 1)
+        hits = member.gather(1, idx[nb].view(stop - start, k * k)).view(-1, k, k)  # is idx[j][m] in N_i?
+        # max returns the first maximal index (documented); on uint8 rows it is ~2x faster than argmax.
+        first = hits.max(dim=2, keepdim=True).indices  # the first hit along j's sorted list
+        second = hits.scatter_(2, first, 0).max(dim=2, keepdim=True).indices
+        r1[start:stop] = flat_dist[nb * k + first.squeeze(2)]
+        r2[start:stop] = flat_dist[nb * k + second.squeeze(2)]
+        # A row with fewer than two hits has no hit left at `second`: mark it for the direct computation.
+        r2[start:stop].masked_fill_(hits.gather(2, second).squeeze(2) == 0, math.nan)
+    short = r2.isnan().nonzero()
+    if short.numel():
+        i, a = short[:, 0], short[:, 1]
+        d2 = refined_sq_distances(X, idx[i], queries=idx[i, a])  # j = idx[i, a] against all of N_i
+        d2[torch.arange(len(a), device=X.device), a] = math.inf  # j itself
+        two = torch.topk(d2, 2, dim=1, largest=False).values.sqrt_()
+        r1[i, a], r2[i, a] = two[:, 0], two[:, 1]
+    return _twonn_slope(torch.log(r2 / r1), discard_fraction)
 
 
 def _twonn_from_knn(dist: torch.Tensor, discard_fraction: float, who: str) -> float:
@@ -249,8 +233,8 @@ class TwoNN(_Estimator):
         pts = as_points(X, min_points=k + 1, who=who)
         uniq, kept = unique_rows(pts)
         _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
-        _, idx = knn_from_points(uniq, k, chunk)
-        dim = _pointwise_twonn(uniq, idx, f, chunk)
+        dist, idx = knn_from_points(uniq, k, chunk)
+        dim = _pointwise_twonn(uniq, dist, idx, f)
         _warn_nonfinite(dim, who, "a nearest-neighbour distance inside a neighbourhood rounds to 0")
         self.dimension_pw_ = dim.cpu().numpy()
         self.pw_index_ = kept.cpu().numpy()

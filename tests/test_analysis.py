@@ -112,6 +112,28 @@ def test_twonn_fit_pw_matches_skdim_pointwise():
     assert est.n_neighbors_ == 30
 
 
+def test_twonn_fit_pw_is_exact_where_a_neighbours_own_list_misses_the_neighbourhood(monkeypatch):
+    # The fast path reads j's two nearest inside N_i off j's own k-nearest list; a j whose list holds fewer
+    # than two members of N_i takes the direct computation. Heavy-tailed clouds make such j common.
+    import analysis.lid as lid
+
+    direct_rows = []
+    real = lid.refined_sq_distances
+
+    def spy(X, idx, queries=None):
+        if queries is not None:
+            direct_rows.append(len(queries))
+        return real(X, idx, queries)
+
+    monkeypatch.setattr(lid, "refined_sq_distances", spy)
+    rng = np.random.default_rng(3)
+    X = rng.standard_t(df=2, size=(400, 12))
+    ours = TwoNN().fit_pw(X, n_neighbors=20).dimension_pw_
+    ref = skdim.id.TwoNN().fit_pw(X, n_neighbors=20).dimension_pw_
+    assert sum(direct_rows) > 0
+    assert _rel(ours, ref) < ROUND_OFF
+
+
 def test_twonn_fit_pw_handles_tied_neighbours_like_skdim():
     # A 7 x 5 lattice with spacings 1 and 1.5: interior points have two neighbours at exactly the same
     # distance (mu = 1), edge points do not. n_neighbors = n - 1 makes every neighbourhood "all other
