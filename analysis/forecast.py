@@ -1,0 +1,244 @@
+"""Forecasters: pure functions of a run's metric series, so they run identically online and in backtests.
+
+A forecaster is fed one logged step at a time (`observe(step, metrics)`, the metrics logged at that step)
+and returns a `ForecastEvent` the step it fires. `active(step)` says whether its forecast still holds;
+the policy engine's `hold` action uses it to suppress stop rules while, e.g., grokking is forecast.
+
+Which signal forecasts grokking was chosen by measurement on `benchmarks/forecast_suite.py`, not by
+assumption: see `docs/forecasting.md` for the table (hit rate, lead, false alarms) of every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+MEMORISED_ACC = 0.99  # train accuracy that counts as memorised
+GROKKED_ACC = 0.5  # test accuracy in the middle of the jump: the grokking step
+GENERALISED_ACC = 0.95
+
+
+@dataclass(frozen=True)
+class ForecastEvent:
+    """A forecaster firing: logged as `event/<name>` = 1 at `step`, with `details` in a tag."""
+
+    name: str
+    step: int
+    details: dict[str, float | str] = field(default_factory=dict)
+
+
+class Forecaster(Protocol):
+    name: str  # the event it fires: "grokking_forecast", "collapse"
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None: ...
+
+    def active(self, step: int) -> bool: ...
+
+
+_LAYER = re.compile(r"^(.*)/layer_(\d+)$")
+
+
+def resolve_last_layer(pattern: str, keys: Mapping[str, float]) -> str | None:
+    """`geom/lid_twonn/layer_last` -> the highest-numbered `geom/lid_twonn/layer_NN` among ``keys``."""
+    if not pattern.endswith("/layer_last"):
+        return pattern
+    prefix = pattern.removesuffix("/layer_last")
+    layers = [(int(m[2]), key) for key in keys if (m := _LAYER.match(key)) and m[1] == prefix]
+    return max(layers)[1] if layers else None
+
+
+class PrecursorForecaster:
+    """Grokking forecast from one series: after memorisation, the series leaves its plateau extreme.
+
+    The run is *memorised* at the first step with ``train/acc >= 0.99`` while ``eval/acc < 0.5``. From then
+    on the forecaster tracks the extreme of ``metric`` (its running peak for ``direction='fall'``, trough for
+    'rise') and fires once the metric has moved ``move`` (relative) away from it on ``sustain`` consecutive
+    observations, provided test accuracy is still below 0.5 (afterwards it is no forecast). This is the rule
+    of FINDINGS.md ("15 % below the running peak after memorisation, for 3 probes") made generic, so that
+    geometry, test loss and weight norm are compared under one rule.
+
+    The predicted onset is ``fire + onset_ratio * (fire - memorised)``: the median ratio of the remaining
+    plateau to the elapsed one, measured on the suite. The forecast stays active until test accuracy reaches
+    0.95 or ``expire_ratio`` times the elapsed plateau has passed without it (a forecast that does not come
+    true must not hold stop rules forever).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        metric: str,
+        direction: str = "fall",
+        move: float = 0.15,
+        sustain: int = 3,
+        onset_ratio: float = 0.5,
+        expire_ratio: float = 3.0,
+    ) -> None:
+        if direction not in ("fall", "rise"):
+            raise ValueError(f"direction must be 'fall' or 'rise', got {direction!r}")
+        self.name = name
+        self.metric = metric
+        self.direction = direction
+        self.move = move
+        self.sustain = sustain
+        self.onset_ratio = onset_ratio
+        self.expire_ratio = expire_ratio
+        self.memorised: int | None = None
+        self.fired: ForecastEvent | None = None
+        self.generalised = False
+        self._key: str | None = None
+        self._extreme = math.nan
+        self._streak = 0
+        self._eval_acc = 0.0
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
+        self._eval_acc = metrics.get("eval/acc", self._eval_acc)
+        if self._eval_acc >= GENERALISED_ACC:
+            self.generalised = True
+        if self.memorised is None:
+            if metrics.get("train/acc", 0.0) >= MEMORISED_ACC and self._eval_acc < GROKKED_ACC:
+                self.memorised = step
+            else:
+                return None
+        if self._key is None:
+            self._key = resolve_last_layer(self.metric, metrics)
+        value = metrics.get(self._key) if self._key else None
+        if value is None or not math.isfinite(value) or self.fired is not None:
+            return None
+        sign = 1.0 if self.direction == "fall" else -1.0
+        if math.isnan(self._extreme) or sign * value > sign * self._extreme:
+            self._extreme = value
+        moved = sign * (self._extreme - value) / abs(self._extreme) if self._extreme else 0.0
+        self._streak = self._streak + 1 if moved >= self.move else 0
+        if self._streak < self.sustain or self._eval_acc >= GROKKED_ACC:
+            return None
+        predicted = step + self.onset_ratio * (step - self.memorised)
+        self.fired = ForecastEvent(
+            self.name,
+            step,
+            {
+                "signal": self._key,
+                "memorised_step": float(self.memorised),
+                "predicted_onset_step": round(predicted),
+                "moved_from_extreme": round(moved, 4),
+            },
+        )
+        return self.fired
+
+    def active(self, step: int) -> bool:
+        if self.fired is None or self.generalised:
+            return False
+        elapsed = self.fired.step - (self.memorised or 0)
+        return step <= self.fired.step + self.expire_ratio * max(elapsed, 1)
+
+
+class CollapseDetector:
+    """Fires `collapse` when training goes bad in one of the ways DESIGN.md names, whichever comes first:
+
+    * representation collapse: a layer's effective rank (RankMe, Garrido et al. 2023) falls below
+      ``rank_fraction`` of its first value on ``sustain`` consecutive snapshots;
+    * policy-entropy collapse: TRL's ``entropy`` below ``entropy_floor`` nats;
+    * KL blow-up: ``kl`` (or ``objective/kl``) above ``kl_ceiling``;
+    * reward hacking: over the last ``window`` observations the proxy reward (``reward``, TRL's name) trends
+      up while the gold check (``gold/reward`` or ``gold/accuracy``) trends down and sits ``gold_drop`` below
+      its running peak (Gao et al. 2023, "Scaling laws for reward model overoptimization": proxy up, gold down).
+
+    Active from firing to the end of the run: a collapse does not heal by itself.
+    """
+
+    name = "collapse"
+    PROXY_KEYS = ("reward",)
+    GOLD_KEYS = ("gold/reward", "gold/accuracy")
+    KL_KEYS = ("kl", "objective/kl")
+
+    def __init__(
+        self,
+        rank_fraction: float = 0.2,
+        sustain: int = 2,
+        entropy_floor: float = 0.5,
+        kl_ceiling: float = 10.0,
+        window: int = 5,
+        gold_drop: float = 0.1,
+    ) -> None:
+        self.rank_fraction = rank_fraction
+        self.sustain = sustain
+        self.entropy_floor = entropy_floor
+        self.kl_ceiling = kl_ceiling
+        self.window = window
+        self.gold_drop = gold_drop
+        self.fired: ForecastEvent | None = None
+        self._rank_first: dict[str, float] = {}
+        self._rank_streak: dict[str, int] = {}
+        self._proxy: list[float] = []
+        self._gold: list[float] = []
+        self._gold_peak = -math.inf
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
+        if self.fired is not None:
+            return None
+        found = self._check(metrics)
+        if found is None:
+            return None
+        kind, details = found
+        self.fired = ForecastEvent(self.name, step, {"kind": kind, **details})
+        return self.fired
+
+    def active(self, step: int) -> bool:
+        return self.fired is not None
+
+    def _check(self, metrics: Mapping[str, float]) -> tuple[str, dict[str, float | str]] | None:
+        for key, value in metrics.items():
+            if key.startswith("geom/eff_rank/") and math.isfinite(value):
+                first = self._rank_first.setdefault(key, value)
+                low = value < self.rank_fraction * first
+                self._rank_streak[key] = self._rank_streak.get(key, 0) + 1 if low else 0
+                if self._rank_streak[key] >= self.sustain:
+                    return "representation", {"metric": key, "value": value, "first": first}
+        entropy = metrics.get("entropy")
+        if entropy is not None and entropy < self.entropy_floor:
+            return "entropy", {"metric": "entropy", "value": entropy}
+        for key in self.KL_KEYS:
+            if metrics.get(key, -math.inf) > self.kl_ceiling:
+                return "kl", {"metric": key, "value": metrics[key]}
+        return self._reward_hacking(metrics)
+
+    def _reward_hacking(self, metrics: Mapping[str, float]) -> tuple[str, dict[str, float | str]] | None:
+        proxy = next((metrics[k] for k in self.PROXY_KEYS if k in metrics), None)
+        gold = next((metrics[k] for k in self.GOLD_KEYS if k in metrics), None)
+        if proxy is None or gold is None:
+            return None
+        self._proxy = (self._proxy + [proxy])[-self.window :]
+        self._gold = (self._gold + [gold])[-self.window :]
+        self._gold_peak = max(self._gold_peak, gold)
+        if len(self._gold) < self.window:
+            return None
+        proxy_slope, gold_slope = _slope(self._proxy), _slope(self._gold)
+        below_peak = self._gold_peak - gold >= self.gold_drop * abs(self._gold_peak)
+        if proxy_slope > 0 and gold_slope < 0 and below_peak:
+            return "reward_hacking", {"proxy_slope": proxy_slope, "gold_slope": gold_slope, "gold": gold}
+        return None
+
+
+def _slope(values: list[float]) -> float:
+    """Least-squares slope per observation."""
+    x = np.arange(len(values), dtype=float)
+    return float(np.polyfit(x, np.asarray(values, dtype=float), 1)[0])
+
+
+# The forecaster the workbench ships for `event: grokking_forecast`, and its competitors on the suite.
+CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
+    "eval_loss": lambda: PrecursorForecaster("grokking_forecast", "eval/loss"),
+    "weight_norm": lambda: PrecursorForecaster("grokking_forecast", "weight_norm"),
+    "lid_twonn": lambda: PrecursorForecaster("grokking_forecast", "geom/lid_twonn/layer_last"),
+    "lid_mle": lambda: PrecursorForecaster("grokking_forecast", "geom/lid_mle/layer_last"),
+    "eff_rank": lambda: PrecursorForecaster("grokking_forecast", "geom/eff_rank/layer_last"),
+}
+
+FORECASTERS: dict[str, Callable[[], Forecaster]] = {
+    "grokking_forecast": CANDIDATES["eval_loss"],
+    "collapse": CollapseDetector,
+}

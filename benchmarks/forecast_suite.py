@@ -1,0 +1,309 @@
+"""The forecast suite: grokking runs and controls, tracked, then every forecaster replayed on their histories.
+
+    python benchmarks/forecast_suite.py run --jobs 2     # ~25 min on 2 cores; resumable (finished runs are kept)
+    python benchmarks/forecast_suite.py report           # replays the forecasters; writes benchmarks/results/
+
+`run` trains every member of `SUITE` with `workbench run configs/grokking.yaml ...` into its own MLflow store
+(`benchmarks/.suite/mlflow.db`, one CPU core per job). `report` reads each run's logged histories back and
+feeds them, step by step, to the forecasters of `analysis.forecast` - the same objects, in the same order,
+the policy engine feeds online - and to a "stop when grokked and plateaued" policy. A run is a grokking run
+if its test accuracy reached 0.95 within the budget, a control if it never reached 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STORE = ROOT / "benchmarks" / ".suite"
+EXPERIMENT = "forecast-suite"
+BUDGET = 2000  # steps every member gets
+
+# (name, overrides of configs/grokking.yaml). Grokking by design: several ops, moduli, train fractions and
+# seeds. Controls by design: no weight decay (memorises, never generalises) and a train fraction too small
+# to generalise from.
+SUITE: list[tuple[str, list[str]]] = [
+    *[(f"add-p59-f0.3-s{s}", ["task.op=+", "task.p=59", "task.train_fraction=0.3", f"seed={s}"]) for s in range(4)],
+    *[(f"add-p59-f0.4-s{s}", ["task.op=+", "task.p=59", "task.train_fraction=0.4", f"seed={s}"]) for s in range(2)],
+    *[(f"add-p47-f0.4-s{s}", ["task.op=+", "task.p=47", "task.train_fraction=0.4", f"seed={s}"]) for s in range(2)],
+    *[(f"sub-p59-f0.5-s{s}", ["task.op=-", "task.p=59", "task.train_fraction=0.5", f"seed={s}"]) for s in range(2)],
+    *[(f"mul-p59-f0.4-s{s}", ["task.op=*", "task.p=59", "task.train_fraction=0.4", f"seed={s}"]) for s in range(2)],
+    *[(f"control-add-wd0-s{s}", ["task.op=+", "optim.weight_decay=0", f"seed={s}"]) for s in range(2)],
+    ("control-sub-wd0-s0", ["task.op=-", "task.train_fraction=0.5", "optim.weight_decay=0", "seed=0"]),
+    ("control-mul-wd0-s0", ["task.op=*", "task.train_fraction=0.4", "optim.weight_decay=0", "seed=0"]),
+    *[(f"control-add-f0.1-s{s}", ["task.op=+", "task.train_fraction=0.1", f"seed={s}"]) for s in range(2)],
+]
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{STORE / 'mlflow.db'}")
+
+
+def finished_runs() -> dict[str, str]:
+    """run name -> run id of the suite's FINISHED runs."""
+    client = _client()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=1000)
+    return {run.info.run_name: run.info.run_id for run in runs}
+
+
+def run_member(name: str, overrides: list[str], cores: Queue) -> tuple[str, int]:
+    core = cores.get()  # each job has a core of its own
+    cmd = [
+        "taskset", "-c", str(core),
+        sys.executable, "-m", "workbench.cli", "run", str(ROOT / "configs" / "grokking.yaml"),
+        *overrides,
+        f"train.max_steps={BUDGET}",
+        f"tracking.uri=sqlite:///{STORE / 'mlflow.db'}",
+        f"tracking.experiment={EXPERIMENT}",
+        f"tracking.run_name={name}",
+    ]  # fmt: skip
+    try:
+        with (STORE / "logs" / f"{name}.log").open("w") as out:
+            code = subprocess.run(cmd, cwd=STORE, stdout=out, stderr=subprocess.STDOUT).returncode
+    finally:
+        cores.put(core)
+    return name, code
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    (STORE / "logs").mkdir(parents=True, exist_ok=True)
+    done = finished_runs()
+    todo = [(name, ov) for name, ov in SUITE if name not in done]
+    print(f"{len(SUITE) - len(todo)} of {len(SUITE)} runs already finished; running {len(todo)} in {args.jobs} jobs")
+    cores: Queue = Queue()
+    for core in sorted(os.sched_getaffinity(0))[: args.jobs]:
+        cores.put(core)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_member, name, ov, cores) for name, ov in todo]
+        for future in futures:
+            name, code = future.result()
+            print(f"  {name}: exit {code}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def landmarks(by_step: dict[int, dict[str, float]]) -> dict[str, int | None]:
+    """Memorisation, grokking (test acc 0.5) and generalisation (0.95) steps of one run."""
+    from analysis.forecast import GENERALISED_ACC, GROKKED_ACC, MEMORISED_ACC
+
+    def first(key: str, level: float) -> int | None:
+        return next((s for s in sorted(by_step) if by_step[s].get(key, -1.0) >= level), None)
+
+    return {
+        "memorised": first("train/acc", MEMORISED_ACC),
+        "grokked": first("eval/acc", GROKKED_ACC),
+        "generalised": first("eval/acc", GENERALISED_ACC),
+        "last": max(by_step),
+    }
+
+
+def replay(factory, by_step: dict[int, dict[str, float]]):
+    """Feed a fresh forecaster every logged step in order, as the policy engine does; its first event."""
+    forecaster = factory()
+    for step in sorted(by_step):
+        event = forecaster.observe(step, by_step[step])
+        if event is not None:
+            return event
+    return None
+
+
+def load_suite() -> list[dict]:
+    from workbench.runs import metric_histories
+
+    uri = f"sqlite:///{STORE / 'mlflow.db'}"
+    runs = []
+    for name, run_id in sorted(finished_runs().items()):
+        by_step: dict[int, dict[str, float]] = {}
+        for key, (steps, values) in metric_histories(run_id, uri).items():
+            if key.startswith(("event/", "grokking/", "final/")):
+                continue  # written by the engine or at the end: never seen by a live forecaster
+            for step, value in zip(steps, values, strict=True):
+                by_step.setdefault(step, {})[key] = value
+        marks = landmarks(by_step)
+        kind = "grok" if marks["generalised"] else "control" if marks["grokked"] is None else "partial"
+        runs.append({"name": name, "run_id": run_id, "kind": kind, "marks": marks, "by_step": by_step})
+    return runs
+
+
+def score(factory, runs: list[dict]) -> dict:
+    """Hit rate and lead on the grokking runs, false alarms on the controls, onset-prediction error."""
+    per_run, leads, fractions, errors, ratios, hits, alarms = {}, [], [], [], [], 0, 0
+    grok = [r for r in runs if r["kind"] == "grok"]
+    controls = [r for r in runs if r["kind"] == "control"]
+    for run in grok + controls:
+        event = replay(factory, run["by_step"])
+        per_run[run["name"]] = None if event is None else event.step
+        if run["kind"] == "control":
+            alarms += event is not None
+            continue
+        m = run["marks"]
+        if event is None or event.step >= m["grokked"]:
+            continue
+        hits += 1
+        plateau = m["grokked"] - m["memorised"]
+        leads.append(m["grokked"] - event.step)
+        fractions.append((m["grokked"] - event.step) / plateau)
+        errors.append(abs(event.details["predicted_onset_step"] - m["grokked"]) / plateau)
+        ratios.append((m["grokked"] - event.step) / max(1, event.step - m["memorised"]))
+    return {
+        "hit_rate": hits / len(grok) if grok else float("nan"),
+        "hits": hits,
+        "grok_runs": len(grok),
+        "median_lead_steps": float(np.median(leads)) if leads else None,
+        "median_lead_fraction": float(np.median(fractions)) if fractions else None,
+        "min_lead_fraction": float(min(fractions)) if fractions else None,
+        "false_alarms": alarms,
+        "controls": len(controls),
+        "median_onset_error_fraction": float(np.median(errors)) if errors else None,
+        # remaining / elapsed plateau at the fire step: the onset_ratio that predicts the grokking step
+        "median_remaining_over_elapsed": float(np.median(ratios)) if ratios else None,
+        "fire_steps": per_run,
+    }
+
+
+def policy_results(policy: Path, runs: list[dict]) -> dict:
+    """The policy replayed on every run: where it stops, compute saved, final test acc kept vs the full run."""
+    from workbench.backtest import backtest
+
+    uri = f"sqlite:///{STORE / 'mlflow.db'}"
+    rows = {}
+    for run, result in zip(runs, backtest(policy, [r["run_id"] for r in runs], tracking_uri=uri), strict=True):
+        steps = sorted(run["by_step"])
+        acc = {s: run["by_step"][s]["eval/acc"] for s in steps if "eval/acc" in run["by_step"][s]}
+        final = acc[max(acc)]
+        stop = result.stop_step
+        at_stop = final if stop is None else acc[max(s for s in acc if s <= stop)]
+        rows[run["name"]] = {
+            "kind": run["kind"],
+            "stop_step": stop,
+            "saved": result.saved,
+            "eval_acc_at_stop": at_stop,
+            "eval_acc_full_run": final,
+            "grokked_step": run["marks"]["grokked"],
+        }
+    vals = list(rows.values())
+    return {
+        "runs": rows,
+        "saved_mean": float(np.mean([r["saved"] for r in vals])),
+        "max_acc_loss_points": float(max(100 * (r["eval_acc_full_run"] - r["eval_acc_at_stop"]) for r in vals)),
+        "grok_runs_stopped_before_grokking": sum(
+            r["kind"] == "grok" and r["stop_step"] is not None and r["stop_step"] < r["grokked_step"] for r in vals
+        ),
+    }
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from analysis.forecast import CANDIDATES, FORECASTERS
+
+    runs = load_suite()
+    print(f"{len(runs)} finished runs: " + ", ".join(f"{r['name']} ({r['kind']})" for r in runs))
+    result = {"runs": {r["name"]: {"kind": r["kind"], **r["marks"]} for r in runs}, "forecasters": {}}
+    for name, factory in CANDIDATES.items():
+        result["forecasters"][name] = score(factory, runs)
+        summary = {k: v for k, v in result["forecasters"][name].items() if k != "fire_steps"}
+        print(f"[forecaster] {name}: {json.dumps(summary)}")
+    shipped = next(n for n, f in CANDIDATES.items() if f is FORECASTERS["grokking_forecast"])
+    result["shipped"] = shipped
+    policy = ROOT / "configs" / "policies" / "grokked_and_flat.yaml"
+    rules = yaml.safe_load(policy.read_text())
+    without_hold = STORE / "patience_only.yaml"
+    without_hold.write_text(yaml.safe_dump([r for r in rules if r["actions"] != ["hold"]]))
+    result["policy_with_hold"] = policy_results(policy, runs)
+    result["policy_patience_only"] = policy_results(without_hold, runs)
+    for key in ("policy_with_hold", "policy_patience_only"):
+        summary = {k: v for k, v in result[key].items() if k != "runs"}
+        print(f"[{key}] {json.dumps(summary)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forecast_suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "forecast_suite.md").write_text(markdown(result))
+    print(f"wrote {args.out / 'forecast_suite.json'} and forecast_suite.md")
+
+
+def _f(value, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Forecast suite (`python benchmarks/forecast_suite.py report`)",
+        "",
+        f"Runs: `configs/grokking.yaml` with the overrides in `SUITE`, {BUDGET} steps each; grokking run = test "
+        "acc reached 0.95, control = never reached 0.5. Forecasters replayed on the logged histories.",
+        "",
+        "| run | kind | memorised | test acc 0.5 | test acc 0.95 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result["runs"].items():
+        lines.append(
+            f"| {name} | {r['kind']} | {_f(r['memorised'], '{}')} | {_f(r['grokked'], '{}')} "
+            f"| {_f(r['generalised'], '{}')} |"
+        )
+    lines += [
+        "",
+        "## Grokking forecasters (rule: 15 % away from the post-memorisation extreme for 3 observations)",
+        "",
+        "| signal | fires before test acc 0.5 | median lead (steps) | median lead / plateau | min lead / plateau "
+        "| false alarms on controls | median onset error / plateau |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["forecasters"].items():
+        shipped = " (shipped)" if name == result["shipped"] else ""
+        lines.append(
+            f"| {name}{shipped} | {r['hits']}/{r['grok_runs']} | {_f(r['median_lead_steps'], '{:.0f}')} "
+            f"| {_f(r['median_lead_fraction'])} | {_f(r['min_lead_fraction'])} | {r['false_alarms']}/{r['controls']} "
+            f"| {_f(r['median_onset_error_fraction'])} |"
+        )
+    for key, title in (("policy_patience_only", "patience alone"), ("policy_with_hold", "patience + hold")):
+        p = result[key]
+        lines += [
+            "",
+            f"## Policy `configs/policies/grokked_and_flat.yaml`, {title}",
+            "",
+            f"Compute saved (mean over runs): **{p['saved_mean']:.0%}**; largest loss of final test accuracy vs the "
+            f"full run: **{p['max_acc_loss_points']:.1f} points**; grokking runs stopped before they grokked: "
+            f"**{p['grok_runs_stopped_before_grokking']}**.",
+            "",
+            "| run | kind | stop step | saved | test acc at stop | full run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in p["runs"].items():
+            lines.append(
+                f"| {name} | {r['kind']} | {_f(r['stop_step'], '{}')} | {r['saved']:.0%} "
+                f"| {r['eval_acc_at_stop']:.3f} | {r['eval_acc_full_run']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="train the suite (resumable)")
+    run.add_argument("--jobs", type=int, default=2)
+    run.set_defaults(handler=cmd_run)
+    report = verbs.add_parser("report", help="replay forecasters and policies on the finished runs")
+    report.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    report.set_defaults(handler=cmd_report)
+    args = parser.parse_args()
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

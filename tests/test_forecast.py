@@ -1,0 +1,115 @@
+"""Forecasters on synthetic series whose right answer is known by construction."""
+
+from __future__ import annotations
+
+import pytest
+
+from analysis.forecast import FORECASTERS, CollapseDetector, PrecursorForecaster, resolve_last_layer
+
+
+def _grokking_run(loss_drop_from: int, grok: int, steps: int = 600) -> list[tuple[int, dict[str, float]]]:
+    """Memorised at 50; eval loss peaks at 100, flat, then falls 1 % per step from `loss_drop_from`; test acc
+    jumps to 1 at `grok`."""
+    run = []
+    for step in range(0, steps + 1, 10):
+        loss = 5.0 if step < loss_drop_from else 5.0 * 0.99 ** (step - loss_drop_from)
+        run.append(
+            (
+                step,
+                {
+                    "train/acc": 1.0 if step >= 50 else 0.5,
+                    "eval/acc": 1.0 if step >= grok else 0.02,
+                    "eval/loss": loss if step >= 100 else 4.0,
+                },
+            )
+        )
+    return run
+
+
+def _replay(forecaster, run):
+    for step, metrics in run:
+        event = forecaster.observe(step, metrics)
+        if event is not None:
+            return event
+    return None
+
+
+def test_precursor_fires_when_the_series_has_left_its_peak_for_three_observations():
+    forecaster = PrecursorForecaster("grokking_forecast", "eval/loss", move=0.15, sustain=3, onset_ratio=0.5)
+    event = _replay(forecaster, _grokking_run(loss_drop_from=200, grok=400))
+    # 0.99^n <= 0.85 first at n = 17 (step 217 -> logged at 220), so the third such observation is step 240.
+    assert event is not None and event.step == 240
+    assert event.details["memorised_step"] == 50
+    assert event.details["predicted_onset_step"] == 240 + round(0.5 * (240 - 50))
+    assert event.details["signal"] == "eval/loss"
+
+
+def test_precursor_does_not_fire_once_test_accuracy_has_already_jumped():
+    # The loss falls only after the jump: that is no forecast.
+    forecaster = PrecursorForecaster("grokking_forecast", "eval/loss")
+    assert _replay(forecaster, _grokking_run(loss_drop_from=420, grok=400)) is None
+
+
+def test_precursor_ignores_moves_before_memorisation():
+    run = [(s, {"train/acc": 0.5, "eval/acc": 0.0, "eval/loss": 5.0 * 0.9 ** (s / 10)}) for s in range(0, 300, 10)]
+    assert _replay(PrecursorForecaster("grokking_forecast", "eval/loss"), run) is None
+
+
+def test_forecast_holds_until_generalisation_or_expiry():
+    forecaster = PrecursorForecaster("grokking_forecast", "eval/loss", expire_ratio=3.0)
+    run = _grokking_run(loss_drop_from=200, grok=400)
+    event = _replay(forecaster, run)
+    assert forecaster.active(event.step) and forecaster.active(390)
+    forecaster.observe(400, {"eval/acc": 0.97})
+    assert not forecaster.active(410)
+
+    never = PrecursorForecaster("grokking_forecast", "eval/loss", expire_ratio=1.0)
+    event = _replay(never, _grokking_run(loss_drop_from=200, grok=10_000, steps=300))
+    elapsed = event.step - 50
+    assert never.active(event.step + elapsed) and not never.active(event.step + elapsed + 1)
+
+
+def test_rising_precursor_watches_the_trough():
+    run = [
+        (s, {"train/acc": 1.0, "eval/acc": 0.0, "x": 1.0 if s < 100 else 1.0 + (s - 100) / 100})
+        for s in range(0, 300, 10)
+    ]
+    event = _replay(PrecursorForecaster("f", "x", direction="rise", move=0.15, sustain=2), run)
+    assert event is not None and event.step == 130  # 1.2 at 120 is the first >= 15 % above 1.0; second at 130
+
+
+def test_layer_last_resolves_to_the_highest_layer():
+    keys = {"geom/lid_twonn/layer_00": 1.0, "geom/lid_twonn/layer_02": 1.0, "geom/lid_mle/layer_03": 1.0}
+    assert resolve_last_layer("geom/lid_twonn/layer_last", keys) == "geom/lid_twonn/layer_02"
+    assert resolve_last_layer("geom/eff_rank/layer_last", keys) is None
+    assert resolve_last_layer("eval/loss", keys) == "eval/loss"
+
+
+def test_collapse_of_effective_rank_needs_two_snapshots_below_a_fifth_of_the_start():
+    detector = CollapseDetector()
+    assert detector.observe(0, {"geom/eff_rank/layer_01": 40.0}) is None
+    assert detector.observe(50, {"geom/eff_rank/layer_01": 7.0}) is None  # first low snapshot
+    event = detector.observe(100, {"geom/eff_rank/layer_01": 6.0})
+    assert event is not None and event.details["kind"] == "representation" and detector.active(500)
+
+
+def test_collapse_on_entropy_and_kl():
+    assert CollapseDetector().observe(3, {"entropy": 0.4}).details["kind"] == "entropy"
+    assert CollapseDetector().observe(3, {"entropy": 0.6, "kl": 12.0}).details["kind"] == "kl"
+    assert CollapseDetector().observe(3, {"entropy": 0.6, "objective/kl": 9.0}) is None
+
+
+@pytest.mark.parametrize(("gold_trend", "fires"), [(-0.05, True), (0.02, False)])
+def test_reward_hacking_is_proxy_up_while_gold_falls_from_its_peak(gold_trend, fires):
+    detector = CollapseDetector(window=5, gold_drop=0.1)
+    events = [detector.observe(s, {"reward": 1.0 + 0.1 * s, "gold/accuracy": 0.8 + gold_trend * s}) for s in range(10)]
+    fired = [e for e in events if e is not None]
+    assert bool(fired) == fires
+    if fires:
+        assert fired[0].details["kind"] == "reward_hacking"
+        assert fired[0].step == 4  # 5 observations; gold 0.6 is 25 % under its 0.8 peak
+
+
+def test_registry_names_are_the_events_they_fire():
+    for name, factory in FORECASTERS.items():
+        assert factory().name == name
