@@ -37,11 +37,20 @@ def _replay(forecaster, run):
 def test_precursor_fires_when_the_series_has_left_its_peak_for_three_observations():
     forecaster = PrecursorForecaster("grokking_forecast", "eval/loss", move=0.15, sustain=3, onset_ratio=0.5)
     event = _replay(forecaster, _grokking_run(loss_drop_from=200, grok=400))
-    # 0.99^n <= 0.85 first at n = 17 (step 217 -> logged at 220), so the third such observation is step 240.
-    assert event is not None and event.step == 240
+    # 15 % below the peak 5.0 needs 0.99^n <= 0.85 (n >= 17), and below the value at memorisation (4.0) needs
+    # 0.99^n < 0.8 (n >= 23): first at step 230, so the third such observation is step 250.
+    assert event is not None and event.step == 250
     assert event.details["memorised_step"] == 50
-    assert event.details["predicted_onset_step"] == 240 + round(0.5 * (240 - 50))
+    assert event.details["predicted_onset_step"] == 250 + round(0.5 * (250 - 50))
     assert event.details["signal"] == "eval/loss"
+
+
+def test_a_series_that_ran_away_and_drops_back_part_of_the_way_is_no_precursor():
+    # Test loss of a run without weight decay: climbs from 4 to 9 after memorisation, then a spike drops it
+    # 20 % - still far above where it stood at memorisation.
+    run = [(s, {"train/acc": 1.0, "eval/acc": 0.3, "eval/loss": 4.0 + s / 100}) for s in range(50, 550, 10)]
+    run += [(s, {"train/acc": 1.0, "eval/acc": 0.3, "eval/loss": 7.2}) for s in range(550, 700, 10)]
+    assert _replay(PrecursorForecaster("grokking_forecast", "eval/loss"), run) is None
 
 
 def test_precursor_does_not_fire_once_test_accuracy_has_already_jumped():
