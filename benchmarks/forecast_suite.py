@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +69,9 @@ def finished_runs() -> dict[str, str]:
 
 def run_member(name: str, overrides: list[str], cores: Queue) -> tuple[str, int]:
     core = cores.get()  # each job has a core of its own
+    pin = ["taskset", "-c", str(core)] if shutil.which("taskset") else []
     cmd = [
-        "taskset", "-c", str(core),
+        *pin,
         sys.executable, "-m", "workbench.cli", "run", str(ROOT / "configs" / "grokking.yaml"),
         *overrides,
         f"train.max_steps={BUDGET}",
@@ -223,7 +225,9 @@ def policy_results(policy: Path, runs: list[dict]) -> dict:
         "runs": rows,
         "saved_mean": float(np.mean([r["saved"] for r in vals])),
         # test acc lost by stopping, in points, on the runs that generalise (controls have nothing to keep)
-        "max_acc_loss_points": float(max(100 * (r["eval_acc_full_run"] - r["eval_acc_at_stop"]) for r in generalising)),
+        "max_acc_loss_points": float(
+            max((100 * (r["eval_acc_full_run"] - r["eval_acc_at_stop"]) for r in generalising), default=0.0)
+        ),
         "grok_runs_stopped_before_grokking": sum(
             r["kind"] == "grok" and r["stop_step"] is not None and r["stop_step"] < r["grokked_step"] for r in vals
         ),

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES: dict[str, str] = {"grokking": "pipelines.grokking"}
+STAGES: dict[str, str] = {
+    "grokking": "pipelines.grokking",
+    "pretrain": "pipelines.pretrain",
+    "sft": "pipelines.sft",
+    "rm": "pipelines.rm",
+    "dpo": "pipelines.dpo",
+    "chain": "pipelines.chain",
+}
 
 
 @dataclass

@@ -23,6 +23,7 @@ from analysis.series import first_step_at_least, largest_change
 from pipelines import StageResult
 from workbench.config import GrokkingConfig, GrokkingModelConfig, TaskConfig
 from workbench.instrument import Instrument
+from workbench.policies import PolicyEngine
 from workbench.runtime import resolve_device
 from workbench.snapshots import ProbeSet, choose_probe_ids
 
@@ -129,6 +130,8 @@ class History:
     train_acc: list[float]
     eval_acc: list[float]
     geometry: dict[str, list[tuple[int, float]]]
+    stopped_at: int | None = None  # the step a policy (or a stop request) ended the run at
+    stop_reason: str | None = None
 
 
 def train(
@@ -138,8 +141,14 @@ def train(
     log: Callable[[Mapping[str, float], int], None],
     instrument: Instrument | None,
     device: str,
+    policy: PolicyEngine | None = None,
+    checkpoint: Callable[[int], None] | None = None,
 ) -> History:
-    """Full-batch AdamW; the model at step s has had s updates, and every metric at s describes it."""
+    """Full-batch AdamW; the model at step s has had s updates, and every metric at s describes it.
+
+    `policy` sees every logged step's metrics; when it says so, `checkpoint(step)` saves the model, and a stop
+    ends the loop at that step, after its metrics are logged, as if it were the last step.
+    """
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=config.optim.betas
     )
@@ -150,24 +159,38 @@ def train(
     history = History([], [], [], {})
     task = config.task
     bar = tqdm(total=config.train.max_steps, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
+
+    def evaluate(step: int, logits: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+        metrics = _evaluate(model, logits, loss, y_train, x_test, y_test, schedule.get_last_lr()[0])
+        log(metrics, step)
+        history.eval_steps.append(step)
+        history.train_acc.append(metrics["train/acc"])
+        history.eval_acc.append(metrics["eval/acc"])
+        bar.set_postfix(
+            train_acc=f"{metrics['train/acc']:.3f}",
+            test_acc=f"{metrics['eval/acc']:.3f}",
+            **_latest_lid(history),
+            refresh=False,
+        )
+        return metrics
+
     for step in range(config.train.max_steps + 1):
         logits = model(input_ids=x_train, logits_to_keep=1).logits[:, -1]
         loss = F.cross_entropy(logits, y_train)
-        if instrument is not None:  # before the progress bar, so it shows this step's LID
-            for key, value in instrument(model, step).items():
-                history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
-        if step % config.train.eval_every == 0 or step == config.train.max_steps:
-            metrics = _evaluate(model, logits, loss, y_train, x_test, y_test, schedule.get_last_lr()[0])
-            log(metrics, step)
-            history.eval_steps.append(step)
-            history.train_acc.append(metrics["train/acc"])
-            history.eval_acc.append(metrics["eval/acc"])
-            bar.set_postfix(
-                train_acc=f"{metrics['train/acc']:.3f}",
-                test_acc=f"{metrics['eval/acc']:.3f}",
-                **_latest_lid(history),
-                refresh=False,
-            )
+        geometry = instrument(model, step) if instrument is not None else {}  # before the bar: it shows this LID
+        for key, value in geometry.items():
+            history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
+        due = step % config.train.eval_every == 0 or step == config.train.max_steps
+        metrics = evaluate(step, logits, loss) if due else {}
+        if policy is not None and (geometry or metrics):
+            decision = policy.observe(step, {**geometry, **metrics})
+            if decision.checkpoint and checkpoint is not None:
+                checkpoint(step)
+            if decision.stop:
+                if not metrics:  # the final metrics describe the model the run ends with
+                    evaluate(step, logits, loss)
+                history.stopped_at, history.stop_reason = step, decision.reason
+                break
         if step == config.train.max_steps:
             break
         opt.zero_grad(set_to_none=True)
@@ -256,17 +279,25 @@ def run(config: GrokkingConfig, tracker: Tracker) -> StageResult:
     probe = make_probe_set(data, config.snapshot.probes, config.seed)
     instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed)
     tracker.set_tags({"workbench.device": device})
-    history = train(config, model, data, tracker.log_metrics, instrument, device)
+    policy = PolicyEngine.from_config(config.policies, tracker=tracker)
+
+    def checkpoint(step: int) -> None:
+        _log_model(model, tracker, f"checkpoints/step_{step:08d}")
+
+    history = train(config, model, data, tracker.log_metrics, instrument, device, policy, checkpoint)
+    policy.finish()
     facts, summary = summarize(history)
-    tracker.log_metrics(facts, config.train.max_steps)
+    tracker.log_metrics(facts, history.eval_steps[-1])  # the last step trained, whether stopped early or not
+    if history.stopped_at is not None:
+        summary.insert(0, f"stopped at step {history.stopped_at} of {config.train.max_steps}: {history.stop_reason}")
     model_uri = _log_model(model, tracker)
     return StageResult(model_uri=model_uri, metrics=facts, summary=summary)
 
 
-def _log_model(model: torch.nn.Module, tracker: Tracker) -> str:
-    """Final weights as safetensors (`save_pretrained`), loadable with `from_pretrained` by later stages."""
+def _log_model(model: torch.nn.Module, tracker: Tracker, artifact_path: str = "model") -> str:
+    """Weights as safetensors (`save_pretrained`), loadable with `from_pretrained` by later stages."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         for path in sorted(Path(tmp).iterdir()):
-            tracker.log_artifact(path, "model")
-    return f"runs:/{tracker.run_id}/model"
+            tracker.log_artifact(path, artifact_path)
+    return f"runs:/{tracker.run_id}/{artifact_path}"

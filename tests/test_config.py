@@ -29,6 +29,12 @@ def test_overrides_are_typed_and_nested():
     assert config.seed == 5
 
 
+@pytest.mark.parametrize("op", ["-", "*", "+", "/"])
+def test_every_operation_can_be_given_on_the_command_line(op):
+    # "-" alone is a YAML block list and "*" an alias: a command line means the strings.
+    assert load_config(DEFAULT, [f"task.op={op}"]).task.op == op
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -63,12 +69,6 @@ def test_bad_override_names_the_override():
 def test_missing_file_is_a_one_line_error(tmp_path):
     with pytest.raises(WorkbenchError, match="no such config file"):
         load_config(tmp_path / "absent.yaml")
-
-
-def test_policies_are_refused_until_the_engine_exists(tmp_path):
-    path = write(tmp_path, "stage: grokking\npolicies: [{name: x}]\n")
-    with pytest.raises(WorkbenchError, match="policies: the policy engine is not available"):
-        load_config(path)
 
 
 def test_flatten_and_hash_describe_the_resolved_config():

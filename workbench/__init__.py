@@ -10,3 +10,12 @@ import os
 # from ~47 to ~2 steps/s (measured, shared/FINDINGS.md); the policy only takes effect if it is set
 # before torch loads its OpenMP runtime, hence here, before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def __getattr__(name: str) -> object:
+    # `from workbench import WorkbenchCallback` works, while `import workbench` stays free of transformers.
+    if name == "WorkbenchCallback":
+        from workbench.callback import WorkbenchCallback
+
+        return WorkbenchCallback
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

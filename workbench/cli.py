@@ -16,22 +16,19 @@ from workbench.geometry import FEATURE_METRICS
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.config import config_hash, flatten, load_config, to_yaml
+    from workbench.config import flatten, load_config, to_yaml
+    from workbench.policies import attach_policies
 
     config = load_config(args.config, args.overrides)
+    config = attach_policies(config, args.config, args.policy)  # a bad policy refuses the run before it starts
 
     from pipelines import stage_runner
     from workbench.runtime import configure_torch_threads
-    from workbench.tracking import Tracker, project_commit
+    from workbench.tracking import Tracker, stage_run_tags
 
     configure_torch_threads()
     runner = stage_runner(config.stage)
-    tags = {
-        "workbench.stage": config.stage,
-        "workbench.config_hash": config_hash(config),
-        "workbench.git_commit": project_commit(),
-        "workbench.config_file": str(args.config),
-    }
+    tags = stage_run_tags(config, str(args.config))
     started = time.monotonic()
     tracker = Tracker.start(
         config.tracking.uri,
@@ -105,6 +102,35 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if nothing else 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from workbench.backtest import backtest, format_results
+
+    results = backtest(args.policy, args.run_ids, args.experiment, args.tracking_uri)
+    print("\n".join(format_results(results)))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from workbench.policies import STOP_POLL_SECONDS, request_stop
+
+    uri = request_stop(args.run_id, args.tracking_uri)
+    print(f"stop requested for run {args.run_id} in {uri}: it checkpoints and ends at its next step boundary")
+    print(f"(runs poll for requests every {STOP_POLL_SECONDS:g} s)")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from workbench.backtest import format_table, run_events
+
+    events = run_events(args.run_id, args.tracking_uri)
+    if not events:
+        print(f"run {args.run_id}: no events, alerts or stops logged")
+        return 0
+    rows = [("-" if e.step is None else str(e.step), e.kind, e.name, e.details) for e in events]
+    print("\n".join(format_table(("step", "kind", "name", "details"), rows)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",
@@ -119,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("config", type=Path, help="YAML config, e.g. configs/grokking.yaml")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. train.max_steps=500 task.p=59")
+    run.add_argument(
+        "--policy",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="early-stop policy (YAML list of rules) added to the config's; repeatable; docs/policies.md",
+    )
     run.set_defaults(handler=cmd_run)
 
     analyze = verbs.add_parser(
@@ -142,11 +176,48 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--experiment", default=None, help="only this experiment")
     ls.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
     ls.set_defaults(handler=cmd_ls)
+
+    backtest = verbs.add_parser(
+        "backtest",
+        help="replay a policy over logged runs: where each would have stopped, and what it would have cost",
+        description="Replay a policy over the logged metric histories of runs (nothing is logged to them): the "
+        "step each run would have stopped at, the share of its step budget saved, the watched metric at the stop "
+        "against its best and final values, and everything the policy fired.",
+    )
+    backtest.add_argument("policy", type=Path, metavar="POLICY", help="YAML list of rules (docs/policies.md)")
+    backtest.add_argument("run_ids", nargs="*", metavar="RUN_ID")
+    backtest.add_argument("--experiment", default=None, help="also every run of this experiment")
+    backtest.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    backtest.set_defaults(handler=cmd_backtest)
+
+    stop = verbs.add_parser(
+        "stop",
+        help="ask a running run to checkpoint and stop at its next step boundary",
+        description="Set the run's workbench.stop_requested tag; the run polls for it, checkpoints and ends "
+        "cleanly (FINISHED, workbench.stop_reason 'stop requested').",
+    )
+    stop.add_argument("run_id", metavar="RUN_ID")
+    stop.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    stop.set_defaults(handler=cmd_stop)
+
+    events = verbs.add_parser("events", help="list a run's forecaster events, policy alerts and stops in step order")
+    events.add_argument("run_id", metavar="RUN_ID")
+    events.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    events.set_defaults(handler=cmd_events)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends `run`'s positionals at the first option: in `run CONFIG --policy p.yaml key=value`,
+    # key=value comes back unparsed, and is an override like the others.
+    if extra and (args.verb != "run" or any(arg.startswith("-") for arg in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.handler(args)
     except WorkbenchError as exc:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.errors import WorkbenchError
 from workbench.geometry import ONLINE_DEFAULT, Feature
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -78,15 +81,22 @@ class StageConfig(_Strict):
     snapshot: SnapshotConfig = SnapshotConfig()
     tracking: TrackingConfig = TrackingConfig()
     policies: list[dict[str, Any]] | str = Field(
-        [], description="Early-stop policy rules, or a path to a YAML file of them."
+        [],
+        description="Early-stop policy rules, or a path to a YAML file of them, relative to the config file "
+        "(docs/policies.md).",
     )
 
     @field_validator("policies")
     @classmethod
-    def _no_policy_engine_yet(cls, value: list[dict[str, Any]] | str) -> list[dict[str, Any]] | str:
-        # Accepting rules we would not evaluate would let a user believe a run is guarded when it is not.
-        if value:
-            raise ValueError("the policy engine is not available in this version; remove 'policies'")
+    def _valid_rules(cls, value: list[dict[str, Any]] | str) -> list[dict[str, Any]] | str:
+        # Inline rules are checked with the file; a path is read by `workbench run`, which knows the config's folder.
+        if isinstance(value, list):
+            from workbench.policies import load_rules
+
+            try:
+                load_rules(value)
+            except WorkbenchError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
@@ -133,7 +143,178 @@ class GrokkingConfig(StageConfig):
     optim: OptimConfig = OptimConfig()
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {"grokking": GrokkingConfig}
+# --- the supervised stages on the field's libraries (pretrain, sft, rm, dpo) and their chains -----------
+
+
+class ModelConfig(GrokkingModelConfig):
+    """A causal LM: an existing one (`name_or_path`) or a tiny Llama built from the size fields."""
+
+    name_or_path: str | None = Field(
+        None,
+        description="Start from this model: a local directory written by save_pretrained (with its tokenizer) or "
+        "an MLflow artifact URI such as runs:/<run_id>/model. Empty: pretrain builds a model from the fields "
+        "below; later stages first train the stages before them, quickly, with their defaults.",
+    )
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(256, gt=0, description="Width of the MLP block.")
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    max_position_embeddings: int = Field(64, gt=0, description="Longest sequence the model is built for.")
+    vocab_size: int = Field(
+        320, ge=258, description="Byte-level BPE vocabulary trained on the corpus (256 bytes + 2 specials + merges)."
+    )
+
+
+class DataConfig(_Strict):
+    path: str | None = Field(
+        None,
+        description="A JSONL file or a directory of *.jsonl in TRL's formats: text; prompt/completion; messages; "
+        "prompt/chosen/rejected; prompt/completions/ranking (turned into preferred-first pairs). "
+        "Empty: the built-in task's data, generated at run time.",
+    )
+    eval_path: str | None = Field(None, description="Held-out JSONL; empty: hold out eval_fraction of `path`.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of `path` held out when no eval_path.")
+
+
+class GoldTaskConfig(_Strict):
+    """The built-in task (pipelines/task.py): reverse a short string of letters; correctness is computable."""
+
+    letters: int = Field(8, ge=2, le=26, description="Alphabet: the first N lowercase letters.")
+    length: int = Field(4, ge=2, le=12, description="Letters per string.")
+    n_pretrain: int = Field(20000, gt=0, description="Sentences in the generated pretraining corpus.")
+    n_train: int = Field(4000, gt=0, description="Training examples generated for a supervised stage.")
+    n_eval: int = Field(200, gt=0, description="Held-out prompts the gold check and eval loss use.")
+    pretrain_noise: float = Field(
+        0.3, ge=0, le=1, description="Share of the pretraining corpus stating a wrong reversal, as on the web."
+    )
+    sft_noise: float = Field(
+        0.25, ge=0, le=1, description="Share of SFT demonstrations with a mistake, as human demonstrations have."
+    )
+    length_bias: float = Field(
+        0.0,
+        ge=0,
+        description="Labeller bias: utility per extra letter of an answer, added to its gold reward when "
+        "preferences and rankings are labelled (0: an unbiased labeller; > 0 rewards longer answers).",
+    )
+
+
+class SupervisedTrainConfig(TrainConfig):
+    """Trainer knobs of the supervised stages; each stage's subclass sets the defaults its demo was tuned with
+    (docs/stages.md), which are also what a stage trained on the fly for a later one uses."""
+
+    eval_every: int = Field(50, gt=0, description="Evaluate and log train/eval metrics every N steps.")
+    batch_size: int = Field(32, gt=0, description="Examples per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (linear decay after warm-up).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW (decoupled) weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up.")
+    max_length: int = Field(32, gt=0, description="Longest tokenized example; longer ones are truncated.")
+
+
+class PretrainTrainConfig(SupervisedTrainConfig):
+    max_steps: int = Field(600, gt=0, description="Optimizer steps to run.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (linear decay after warm-up).")
+    warmup_steps: int = Field(30, ge=0, description="Linear learning-rate warm-up.")
+
+
+class SFTTrainConfig(SupervisedTrainConfig):
+    max_steps: int = Field(300, gt=0, description="Optimizer steps to run.")
+
+
+class RewardTrainConfig(SupervisedTrainConfig):
+    max_steps: int = Field(3000, gt=0, description="Optimizer steps to run.")
+    eval_every: int = Field(250, gt=0, description="Evaluate and log train/eval metrics every N steps.")
+
+
+class DPOTrainConfig(SupervisedTrainConfig):
+    max_steps: int = Field(200, gt=0, description="Optimizer steps to run.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate: DPO drifts off with SFT-sized rates.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up.")
+
+
+class LoraSettings(_Strict):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights (Hu et al. 2021).")
+    r: int = Field(8, gt=0, description="Rank of the update B A.")
+    alpha: int = Field(16, gt=0, description="Scale alpha / r applied to the update.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class _SupervisedStageConfig(StageConfig):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    task: GoldTaskConfig = GoldTaskConfig()
+
+
+class PretrainConfig(_SupervisedStageConfig):
+    stage: Literal["pretrain"] = "pretrain"
+    train: PretrainTrainConfig = PretrainTrainConfig()
+
+
+class SFTConfig(_SupervisedStageConfig):
+    stage: Literal["sft"] = "sft"
+    train: SFTTrainConfig = SFTTrainConfig()
+    lora: LoraSettings = LoraSettings()
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per held-out prompt in the gold check.")
+
+
+class RewardConfig(_SupervisedStageConfig):
+    stage: Literal["rm"] = "rm"
+    train: RewardTrainConfig = RewardTrainConfig()
+
+
+class DPOConfig(_SupervisedStageConfig):
+    stage: Literal["dpo"] = "dpo"
+    train: DPOTrainConfig = DPOTrainConfig()
+    beta: float = Field(0.1, gt=0, description="DPO's beta: strength of the implicit KL penalty to the reference.")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a negative log-likelihood term on the chosen answers added to the DPO loss (RPO, "
+        "Pang et al. 2024): keeps their likelihood from falling with the rejected ones'. 0: plain DPO.",
+    )
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per held-out prompt in the gold check.")
+
+
+class ChainStep(_Strict):
+    config: str = Field(
+        ..., min_length=1, description="A stage config file: a path, or relative to the repository (configs/sft.yaml)."
+    )
+    overrides: list[str] = Field([], description="key.sub=value overrides for this stage.")
+
+
+class ChainConfig(StageConfig):
+    """Stages run in order, each from the previous one's model; one parent run, a nested run per stage."""
+
+    stage: Literal["chain"] = "chain"
+    stages: list[ChainStep] = Field(..., min_length=1, description="The stages, in order.")
+    resume_from: str | None = Field(
+        None, description="A parent run id of this chain: its finished stages are reused, not run again."
+    )
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "grokking": GrokkingConfig,
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "dpo": DPOConfig,
+    "chain": ChainConfig,
+}
+
+
+class CallbackConfig(_Strict):
+    """`WorkbenchCallback.from_config`: the keys a stage config has for snapshots, tracking and policies."""
+
+    seed: int = Field(0, description="Seeds the probe choice.")
+    snapshot: SnapshotConfig = SnapshotConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    policies: list[dict[str, Any]] | str = Field([], description="Early-stop policy rules, or a path to a YAML file.")
+
+
+def load_callback_config(source: str | Path | Mapping[str, Any]) -> CallbackConfig:
+    """A callback config from a YAML file or a dict; errors name the file (or 'callback config') and field."""
+    if isinstance(source, Mapping):
+        return _validate(CallbackConfig, dict(source), source="callback config")
+    return _validate(CallbackConfig, read_yaml_mapping(Path(source)), source=str(source))
 
 
 def _is_prime(n: int) -> bool:
@@ -149,18 +330,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     Errors are `WorkbenchError`s on one line naming the file (or the override) and the field.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise WorkbenchError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"{path}: cannot read config: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise WorkbenchError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise WorkbenchError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     stage = data.get("stage")
     if stage not in STAGE_CONFIGS:
         raise WorkbenchError(f"{path}: stage: expected one of {sorted(STAGE_CONFIGS)}, got {stage!r}")
@@ -170,6 +340,28 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
         _apply_override(data, override)
         config = _validate(model, data, source=f"override '{override}'")
     return config
+
+
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """The parsed YAML file; a missing, unreadable or malformed file is a one-line error naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise WorkbenchError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"{path}: cannot read {what}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise WorkbenchError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; anything else is a one-line error naming the file."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
@@ -184,12 +376,16 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             raise WorkbenchError(f"override '{override}': {part} is not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(raw)  # typed like YAML: 3 -> int, 0.5 -> float, [1, 2] -> list
+        value = yaml.safe_load(raw)  # typed like YAML: 3 -> int, 0.5 -> float, [1, 2] -> list
     except yaml.YAMLError:
-        node[leaf] = raw
+        value = raw
+    # Block syntax is not what a command line means: `task.op=-` is the string "-", not a list [None].
+    if isinstance(value, list | dict) and not raw.lstrip().startswith(("[", "{")):
+        value = raw
+    node[leaf] = value
 
 
-def _validate(model: type[StageConfig], data: dict[str, Any], source: str) -> StageConfig:
+def _validate(model: type[_Model], data: dict[str, Any], source: str) -> _Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -15,9 +15,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.config import StageConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` here finds the runs
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's per-request limits (mlflow/utils/validation.py)
@@ -50,6 +53,18 @@ def project_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def stage_run_tags(config: StageConfig, config_file: str) -> dict[str, str]:
+    """The tags every stage run carries: which stage, which settings (hash), which code, which file."""
+    from workbench.config import config_hash
+
+    return {
+        "workbench.stage": config.stage,
+        "workbench.config_hash": config_hash(config),
+        "workbench.git_commit": project_commit(),
+        "workbench.config_file": config_file,
+    }
+
+
 def _check_server_reachable(tracking_uri: str) -> None:
     """Fail in seconds on a server that is down: MLflow's own retries would hang for minutes first."""
     if not tracking_uri.startswith(("http://", "https://")):
@@ -80,6 +95,20 @@ def _store_error(uri: str, exc: Exception) -> WorkbenchError:
     return WorkbenchError(f"tracking.uri: cannot use tracking store {uri!r}: {first_line}")
 
 
+def open_run(run_id: str, uri: str | None) -> tuple[Any, Any, str]:
+    """(MlflowClient, the run, resolved URI) of an existing run; an unknown id is a one-line user error."""
+    from mlflow.exceptions import MlflowException
+
+    resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved.removeprefix("sqlite:///")).exists():
+        raise WorkbenchError(f"run {run_id}: not found (no tracking store at {resolved})")  # and do not create one
+    client, resolved = open_store(resolved)
+    try:
+        return client, client.get_run(run_id), resolved
+    except MlflowException:
+        raise WorkbenchError(f"run {run_id}: not found in {resolved}") from None
+
+
 class Tracker:
     """An open MLflow run. Use as a context manager so the status is set however the block ends."""
 
@@ -99,15 +128,21 @@ class Tracker:
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         flush_seconds: float = 5.0,
+        parent_run_id: str | None = None,
     ) -> Tracker:
-        """Open (or create) the store and experiment and start a run; an unusable store is a user error."""
+        """Open (or create) the store and experiment and start a run; an unusable store is a user error.
+
+        With `parent_run_id` the run is nested under that one (MLflow's `mlflow.parentRunId` tag), as the
+        stages of a chain are under the chain's run.
+        """
+        tags = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter on first use
         logging.getLogger("alembic").setLevel(logging.WARNING)
         client, tracking_uri = open_store(uri)
         try:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-            run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         except Exception as exc:  # MLflow raises many types here (sqlalchemy, OSError, REST errors)
             raise _store_error(tracking_uri, exc) from None
         return cls(client, run.info.run_id, tracking_uri, flush_seconds)
@@ -142,6 +177,10 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def get_tag(self, key: str) -> str | None:
+        """The run's current value of a tag, read back from the store (one get_run call)."""
+        return self.client.get_run(self.run_id).data.tags.get(key)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)

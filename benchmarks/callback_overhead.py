@@ -1,0 +1,148 @@
+"""Cost of `WorkbenchCallback`: the same TRL SFTTrainer run bare and with the callback, side by side in one process.
+
+The SFT stage's set-up (configs/sft.yaml: the built-in task, a 2-layer d=64 Llama, batch 32) with the
+callback at its defaults (`SnapshotConfig()`: a snapshot every 50 steps of up to 1 024 eval-set probes,
+token pooling, online TwoNN + MLE + effective rank) logging to a sqlite MLflow store; "bare" is the same
+trainer without the callback. Runs alternate (A B A B ...) so drift of a shared machine hits both; we report
+each pair's ratio and the median, and, timed directly inside the callback run, the seconds spent in the
+callback's own methods as a share of the bare run.
+
+    python benchmarks/callback_overhead.py                  # 300 steps, 3 pairs
+    python benchmarks/callback_overhead.py --steps 600 --pairs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLBACK_EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_train_end")
+
+
+def timed_train(steps: int, with_callback: bool, tmp: Path) -> tuple[float, float]:
+    """Wall seconds of `trainer.train()`, and of that the seconds spent inside the callback."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from pipelines.supervised import training_arguments
+    from pipelines.task import ReversalTask
+    from workbench.callback import WorkbenchCallback
+    from workbench.config import SFTConfig, SnapshotConfig
+    from workbench.models import build_causal_lm, train_tokenizer
+    from workbench.tracking import Tracker
+
+    config = SFTConfig(train={"max_steps": steps, "eval_every": 10})
+    task = ReversalTask(config.task, config.seed)
+    tokenizer = train_tokenizer(task.pretraining_text(), config.model.vocab_size)
+    torch.manual_seed(0)
+    model = build_causal_lm(config.model, tokenizer)
+    inside = [0.0]
+    callbacks, tracker = [], None
+    if with_callback:
+        tracker = Tracker.start(f"sqlite:///{tmp / 'mlflow.db'}", "callback-overhead")
+        callback = WorkbenchCallback(SnapshotConfig(), tracker=tracker)
+        for event in CALLBACK_EVENTS:
+            setattr(callback, event, _timed(getattr(callback, event), inside))
+        callbacks = [callback]
+    args = training_arguments(
+        TRLSFTConfig, config, str(tmp / "out"), "cpu", max_length=config.train.max_length, gradient_checkpointing=False
+    )
+    args = dataclasses.replace(args, eval_strategy="no")  # step time only: both log every 10 steps, neither evaluates
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(task.sft_rows()),
+        eval_dataset=Dataset.from_list(task.sft_rows("eval")),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    if tracker is not None:
+        _timed(tracker.finish, inside)()  # the final flush is part of the cost
+    return time.perf_counter() - start, inside[0]
+
+
+def _timed(call, total: list[float]):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--pairs", type=int, default=3, help="bare/callback pairs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "callback_overhead.json")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from transformers.utils import logging as hf_logging
+
+    from workbench.config import SnapshotConfig
+    from workbench.runtime import configure_torch_threads
+
+    hf_logging.disable_progress_bar()
+    threads = configure_torch_threads()
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        timed_train(20, with_callback=True, tmp=Path(tmp))  # warm-up: imports, allocator, MLflow schema
+        for i in range(args.pairs):
+            with_cb, inside = timed_train(args.steps, with_callback=True, tmp=Path(tmp))
+            bare, _ = timed_train(args.steps, with_callback=False, tmp=Path(tmp))
+            pair = {"callback_s": with_cb, "bare_s": bare, "inside_callback_s": inside}
+            pair.update(ratio=with_cb / bare, direct_share=inside / bare, bare_step_ms=1000 * bare / args.steps)
+            pairs.append(pair)
+            print(
+                f"pair {i}: with callback {with_cb:.2f} s (inside it {inside:.2f} s), bare {bare:.2f} s "
+                f"({pair['bare_step_ms']:.1f} ms/step), ratio {pair['ratio']:.3f}, "
+                f"direct share {100 * pair['direct_share']:.1f} %",
+                flush=True,
+            )
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    defaults = SnapshotConfig()
+    result = {
+        "what": "TRL SFTTrainer on the built-in task (configs/sft.yaml sizes), WorkbenchCallback at its defaults "
+        "vs none, alternating pairs in one process",
+        "steps": args.steps,
+        "snapshot_every": defaults.every,
+        "snapshot_pooling": defaults.pooling,
+        "geometry": list(defaults.geometry),
+        "log_every": 10,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}",
+        "date": time.strftime("%Y-%m-%d"),
+        "pairs": pairs,
+        "median_bare_step_ms": statistics.median(p["bare_step_ms"] for p in pairs),
+        "median_ratio": ratio,
+        "median_overhead_percent": 100 * (ratio - 1),
+        "median_direct_share_percent": 100 * statistics.median(p["direct_share"] for p in pairs),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"median overhead of the callback: paired {100 * (ratio - 1):+.1f} %, "
+        f"timed directly {result['median_direct_share_percent']:.1f} % -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

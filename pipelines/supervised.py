@@ -1,0 +1,175 @@
+"""What the supervised stages (pretrain, sft, rm, dpo) share: trainer arguments, the starting model, the
+held-out generation check and the end of a stage. Each stage module reads top to bottom on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipelines.task import gold_reward
+from workbench.models import load_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+
+    from workbench.callback import WorkbenchCallback
+    from workbench.config import StageConfig
+    from workbench.tracking import Tracker
+
+# The stage a stage starts from, trained on the fly (with its defaults) when `model.name_or_path` is empty.
+PREVIOUS_STAGE = {"sft": "pretrain", "rm": "sft", "dpo": "sft"}
+MAX_CHECKED_PROMPTS = 256  # held-out prompts answered by generation at the start and the end of a stage
+GOLD_SAMPLES = 4  # sampled answers per held-out prompt behind gold/accuracy
+
+
+def training_arguments(
+    args_class: type[TrainingArguments], config: StageConfig, output_dir: str, device: str, **extra: Any
+) -> TrainingArguments:
+    """The stage config as a `TrainingArguments` (or TRL `*Config`) instance: the same knobs for every stage.
+
+    Logging goes through `WorkbenchCallback` only (report_to none); evaluation and logging every
+    `train.eval_every` steps; no periodic checkpoints (a policy's `checkpoint` action saves one).
+    """
+    train = config.train
+    return args_class(
+        output_dir=output_dir,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=2 * train.batch_size,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=train.eval_every,
+        eval_strategy="steps",
+        eval_steps=train.eval_every,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def starting_model(
+    config: Any, tracker: Tracker, head: str = "causal_lm"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`model.name_or_path`, or else the previous stage trained now on the built-in task with its defaults
+    (this stage's seed, device, model sizes and task), as a nested run."""
+    if config.model.name_or_path is not None:
+        return load_pretrained(config.model.name_or_path, tracker.tracking_uri, head)
+    from pipelines.chain import run_nested
+    from workbench.config import STAGE_CONFIGS
+
+    previous = STAGE_CONFIGS[PREVIOUS_STAGE[config.stage]](
+        seed=config.seed,
+        device=config.device,
+        task=config.task,
+        model=config.model,
+        snapshot={"enabled": False},
+        tracking=config.tracking,
+    )
+    result, _ = run_nested(previous, tracker, run_name=f"{previous.stage} (on the fly, for {config.stage})")
+    tracker.set_tags({"workbench.base_model": result.model_uri})
+    return load_pretrained(result.model_uri, tracker.tracking_uri, head)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    sample: bool = False,
+    batch_size: int = 256,
+) -> list[str]:
+    """Completions of `prompts`, greedy or sampled at temperature 1 (seeded, leaving the global RNG as it was);
+    left-padded batches, stopping at EOS."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    completions = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+                batch = batch.to(device)
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=1.0 if sample else None,
+                    top_k=0 if sample else None,
+                    top_p=1.0 if sample else None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                completions += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return completions
+
+
+def held_out_check(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    fmt: str,
+    gold: bool,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """Answers to held-out prompts, scored; {} for data without plain-text prompts (text, messages).
+
+    Greedy answers against the references (the completion, or a pair's chosen answer): `eval/exact_match`
+    and ROUGE-L F1 (`rouge-score`). With a gold check (the built-in task): `gold/greedy_accuracy`, and over
+    `GOLD_SAMPLES` answers per prompt sampled at temperature 1, `gold/accuracy` (share exactly right: the
+    policy's probability of answering right) and `gold/reward` (mean partial credit).
+    """
+    from rouge_score import rouge_scorer
+
+    reference = {"prompt_completion": "completion", "preference": "chosen"}.get(fmt)
+    rows = [r for r in rows[:MAX_CHECKED_PROMPTS] if isinstance(r.get("prompt"), str)]
+    if reference is None or not rows:
+        return {}
+    prompts, references = [r["prompt"] for r in rows], [r[reference] for r in rows]
+    greedy = generate(model, tokenizer, prompts, max_new_tokens)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = list(zip(greedy, references, strict=True))
+    metrics = {
+        "eval/exact_match": _mean(c.strip() == r.strip() for c, r in pairs),
+        "eval/rougeL": _mean(scorer.score(r, c)["rougeL"].fmeasure for c, r in pairs),
+    }
+    if gold:
+        metrics["gold/greedy_accuracy"] = _mean(r == 1.0 for r in gold_reward(prompts, greedy))
+        repeated = [p for p in prompts for _ in range(GOLD_SAMPLES)]
+        rewards = gold_reward(repeated, generate(model, tokenizer, repeated, max_new_tokens, sample=True))
+        metrics["gold/accuracy"] = _mean(r == 1.0 for r in rewards)
+        metrics["gold/reward"] = _mean(rewards)
+    return metrics
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def log_checkpoints(output_dir: str, tracker: Tracker) -> None:
+    """Checkpoints a policy asked for (`control.should_save`) are kept as run artifacts, not in a temp dir."""
+    for path in sorted(p for p in Path(output_dir).glob("checkpoint-*/**/*") if p.is_file()):
+        tracker.log_artifact(path, f"checkpoints/{path.parent.relative_to(output_dir).as_posix()}")
+
+
+def stop_summary(callback: WorkbenchCallback, max_steps: int) -> list[str]:
+    """A first summary line when a policy (or a stop request) ended the stage early."""
+    stopped = callback.policy.stopped if callback.policy is not None else None
+    return [] if stopped is None else [f"stopped at step {stopped.step} of {max_steps}: {stopped.message}"]

@@ -1,0 +1,213 @@
+"""Policies on logged runs: `workbench backtest` replays a policy over a run's metric histories, and
+`workbench events` lists what a policy and the forecasters logged to a run.
+
+A replay feeds a fresh `PolicyEngine` (no tracker: nothing is logged) the metrics of each logged step, in step
+order, exactly as the live loop fed them, so it stops where the live run with the same policy stopped. Keys
+the engine itself logs (`event/...`) are left out, as the live engine never saw them; geometry that
+`workbench analyze` added afterwards is replayed too, which is how a policy on offline features is tried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.policies import (
+    ALERT_TAG_PREFIX,
+    EVENT_TAG_PREFIX,
+    STOP_REASON_TAG,
+    STOP_REQUEST_TAG,
+    STOPPED_AT_TAG,
+    Condition,
+    Firing,
+    PolicyEngine,
+    Rule,
+    load_rules,
+)
+from workbench.runs import metric_histories
+from workbench.tracking import metric_key, open_run, open_store
+
+BUDGET_PARAM = "train.max_steps"  # the step budget every stage config has
+
+
+@dataclass
+class Monitored:
+    """A metric a stop rule watches: its value at the stop, its best (when the rule says which way is better)
+    and its final value."""
+
+    metric: str
+    at_stop: float | None
+    best: tuple[int, float] | None  # (step, value)
+    final: tuple[int, float]
+
+
+@dataclass
+class BacktestResult:
+    run_id: str
+    run_name: str
+    budget: int  # the run's step budget (its train.max_steps), else its last logged step
+    logged_steps: int
+    stop_step: int | None
+    reason: str | None
+    firings: list[Firing] = field(default_factory=list)
+    monitored: list[Monitored] = field(default_factory=list)
+
+    @property
+    def saved(self) -> float:
+        """The share of the step budget the policy would not have trained."""
+        if self.stop_step is None or self.budget <= 0:
+            return 0.0
+        return (self.budget - self.stop_step) / self.budget
+
+
+def backtest(
+    policy: str | Path, run_ids: Sequence[str], experiment: str | None = None, tracking_uri: str | None = None
+) -> list[BacktestResult]:
+    """Replay the policy file over each run (and every run of `experiment`)."""
+    rules = load_rules(policy)
+    ids = list(dict.fromkeys([*run_ids, *_experiment_runs(experiment, tracking_uri)]))
+    if not ids:
+        raise WorkbenchError("backtest: no runs given (RUN_ID... or --experiment NAME)")
+    return [backtest_run(rules, run_id, tracking_uri, source=str(policy)) for run_id in ids]
+
+
+def _experiment_runs(experiment: str | None, tracking_uri: str | None) -> list[str]:
+    if experiment is None:
+        return []
+    client, uri = open_store(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise WorkbenchError(f"--experiment: no experiment named {experiment!r} in {uri}")
+    runs = client.search_runs([found.experiment_id], order_by=["attribute.start_time ASC"], max_results=10000)
+    return [run.info.run_id for run in runs]
+
+
+def backtest_run(
+    rules: Sequence[Rule], run_id: str, tracking_uri: str | None = None, source: str = "policy"
+) -> BacktestResult:
+    """Where the rules would have stopped one logged run, and what the stop would have cost."""
+    _, run, uri = open_run(run_id, tracking_uri)
+    histories = {k: v for k, v in metric_histories(run_id, uri).items() if not k.startswith("event/")}
+    by_step: dict[int, dict[str, float]] = {}
+    for key, (steps, values) in histories.items():
+        for step, value in zip(steps, values, strict=True):
+            by_step.setdefault(step, {})[key] = value
+    engine = PolicyEngine(rules, console=False, source=source)
+    for step in sorted(by_step):
+        if engine.observe(step, by_step[step]).stop:
+            break
+    engine.finish()
+    last = max(by_step, default=0)
+    budget = run.data.params.get(BUDGET_PARAM)
+    stopped = engine.stopped
+    result = BacktestResult(
+        run_id=run_id,
+        run_name=run.info.run_name or "",
+        budget=int(budget) if budget and budget.isdigit() else last,
+        logged_steps=len(by_step),
+        stop_step=stopped.step if stopped else None,
+        reason=stopped.message if stopped else None,
+        firings=engine.firings,
+    )
+    stop_rules = [r for r in rules if "stop" in r.actions and (stopped is None or r.name == stopped.name)]
+    result.monitored = [
+        _monitored(key, mode, histories[key], result.stop_step)
+        for key, mode in _watched_metrics(stop_rules).items()
+        if key in histories
+    ]
+    return result
+
+
+def _watched_metrics(rules: Sequence[Rule]) -> dict[str, str | None]:
+    """The metrics the rules watch, with the direction that is better where a rule gives one."""
+    found: dict[str, str | None] = {}
+
+    def walk(condition: Condition) -> None:
+        for child in (condition.all or []) + (condition.any or []):
+            walk(child)
+        if condition.metric is not None:
+            key = metric_key(condition.metric)
+            found[key] = found.get(key) or condition.mode
+
+    for rule in rules:
+        walk(rule.when)
+    return found
+
+
+def _monitored(key: str, mode: str | None, history: tuple[list, list], stop_step: int | None) -> Monitored:
+    points = list(zip(*history, strict=True))
+    before = [value for step, value in points if stop_step is not None and step <= stop_step]
+    best = None
+    if mode is not None:
+        best = (max if mode == "max" else min)(points, key=lambda p: p[1])
+    return Monitored(key, before[-1] if before else None, best, points[-1])
+
+
+def format_results(results: Sequence[BacktestResult]) -> list[str]:
+    """A table (one row per run and watched metric), then each run's firings in step order."""
+    header = ("run", "name", "stop step", "saved", "metric", "at stop", "best", "final")
+    rows = []
+    for r in results:
+        stop = "never" if r.stop_step is None else str(r.stop_step)
+        saved = f"{r.saved:.0%} of {r.budget}"
+        for m in r.monitored or [None]:
+            cells = ("", "", "", "") if m is None else _metric_cells(m)
+            rows.append((r.run_id[:12], r.run_name, stop, saved, *cells))
+    lines = format_table(header, rows)
+    for r in results:
+        lines.append("")
+        lines.append(f"run {r.run_id} ({r.logged_steps} logged steps): " + (r.reason or "no stop"))
+        lines += [f"  step {f.step:>7}  {f.kind:<10}  {f.message}" for f in r.firings] or ["  nothing fired"]
+    return lines
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+
+
+def _metric_cells(m: Monitored) -> tuple[str, str, str, str]:
+    at_stop = "" if m.at_stop is None else f"{m.at_stop:.4g}"
+    best = "" if m.best is None else f"{m.best[1]:.4g} @{m.best[0]}"
+    return m.metric, at_stop, best, f"{m.final[1]:.4g} @{m.final[0]}"
+
+
+# --- `workbench events` -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    step: int | None  # None: not tied to a step (a Ctrl-C, a stop request)
+    kind: str  # forecast, alert, stop, stop requested
+    name: str
+    details: str
+
+
+def run_events(run_id: str, tracking_uri: str | None = None) -> list[RunEvent]:
+    """The run's `event/*` metrics and its alert/stop tags, in step order."""
+    client, run, _ = open_run(run_id, tracking_uri)
+    tags = run.data.tags
+    events = []
+    for key in sorted(k for k in run.data.metrics if k.startswith("event/")):
+        name = key.removeprefix("event/")
+        forecast, alert = tags.get(EVENT_TAG_PREFIX + name), tags.get(ALERT_TAG_PREFIX + name)
+        latest = json.loads(forecast or alert or "{}")  # the tag holds the latest firing's details
+        for point in client.get_metric_history(run_id, key):
+            details = _details(latest) if latest.get("step") == point.step else ""
+            events.append(RunEvent(point.step, "forecast" if forecast else "alert", name, details))
+    if STOP_REASON_TAG in tags:
+        at = tags.get(STOPPED_AT_TAG)
+        events.append(RunEvent(int(at) if at else None, "stop", "", tags[STOP_REASON_TAG]))
+    if STOP_REQUEST_TAG in tags:
+        events.append(RunEvent(None, "stop requested", "", tags[STOP_REQUEST_TAG]))
+    return sorted(events, key=lambda e: (e.step is None, e.step or 0))
+
+
+def _details(latest: dict) -> str:
+    if "message" in latest:
+        return str(latest["message"])
+    return ", ".join(f"{k}={v}" for k, v in latest.items() if k != "step")

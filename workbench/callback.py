@@ -1,0 +1,296 @@
+"""`WorkbenchCallback`: the workbench's snapshots, geometry and run tracking inside anyone's `Trainer`.
+
+One object added to `transformers.Trainer(callbacks=[...])` or any TRL trainer built on it (`SFTTrainer`,
+`RewardTrainer`, `DPOTrainer`, `GRPOTrainer`):
+
+- every `snapshot.every` steps (and at the first step) the probe set goes through the model with
+  `output_hidden_states=True` and `Instrument` writes a snapshot and logs `geom/<feature>/layer_<i>`;
+- the trainer's own logs go to the same MLflow run under the workbench's names (`loss` -> `train/loss`,
+  `eval_loss` -> `eval/loss`, `learning_rate` -> `lr`, `eval_<x>` -> `eval/<x>`), TRL's keys as they are;
+- only the main process (rank 0) snapshots and logs.
+
+transformers' own `MLflowCallback` would open a second run for the same training, so the callback refuses
+to run next to it: set `report_to="none"` (transformers' default since v5) or leave "mlflow" out of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import Trainer, TrainerCallback
+
+from workbench.config import CallbackConfig, SnapshotConfig, TrackingConfig, load_callback_config
+from workbench.errors import WorkbenchError
+from workbench.instrument import Instrument
+from workbench.snapshots import ProbeSet, choose_probe_ids
+from workbench.tracking import Tracker
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from workbench.policies import PolicyEngine
+
+# The trainer's log keys that have another workbench name (DESIGN.md, metric names); `grad_norm`, TRL's
+# `rewards/...`, `logps/...`, `entropy` keep theirs, and `eval_<x>` / `train_<x>` become `eval/<x>` / `train/<x>`.
+RENAMED_KEYS = {
+    "loss": "train/loss",
+    "learning_rate": "lr",
+    "train_loss": "train/mean_loss",  # the mean over the whole run, logged once at the end
+}
+PROBE_MAX_TOKENS = 128  # longer probes are truncated: snapshots are about geometry, not long contexts
+
+
+def workbench_metric_name(key: str) -> str:
+    """`loss` -> `train/loss`, `eval_loss` -> `eval/loss`, `train_runtime` -> `train/runtime`; others unchanged."""
+    if key in RENAMED_KEYS:
+        return RENAMED_KEYS[key]
+    for prefix in ("eval", "train", "test"):
+        if key.startswith(f"{prefix}_"):
+            return f"{prefix}/{workbench_metric_name(key.removeprefix(f'{prefix}_')).removeprefix('train/')}"
+    return key
+
+
+class WorkbenchCallback(TrainerCallback):
+    """Snapshots, online geometry and MLflow logging for a `transformers` / TRL trainer.
+
+    Args:
+        snapshot: what to snapshot and how often (`SnapshotConfig`, the stage configs' `snapshot` key).
+        tracking: where the run goes, when the callback opens its own (`TrackingConfig`).
+        tracker: an open run to log into instead (the workbench's stages pass theirs); it is not finished here.
+        probes: the fixed probe set: a `ProbeSet`, or rows (a `datasets.Dataset` or a list of dicts with
+            `input_ids`, `text`, `prompt`/`completion`, `prompt`/`chosen` or `messages`) sampled with `seed`.
+            Default: a seeded sample of the trainer's eval dataset, else of its train dataset.
+        seed: seeds the probe sample and the token subsample of `token` pooling.
+        policies: early-stop rules (or a YAML file of them, relative to `policy_dir`), validated here; the
+            engine sees every logged value and every snapshot's geometry, and its decision sets
+            `control.should_training_stop` (stop) and `control.should_save` (checkpoint).
+    """
+
+    def __init__(
+        self,
+        snapshot: SnapshotConfig | None = None,
+        tracking: TrackingConfig | None = None,
+        *,
+        tracker: Tracker | None = None,
+        probes: ProbeSet | Sequence[Mapping[str, Any]] | None = None,
+        seed: int = 0,
+        policies: Sequence[Mapping[str, Any]] | str | Path = (),
+        policy_dir: Path | None = None,
+    ) -> None:
+        from workbench.policies import load_rules
+
+        self.snapshot = snapshot or SnapshotConfig()
+        self.tracking = tracking or TrackingConfig()
+        self.tracker = tracker
+        self.probes = probes
+        self.seed = seed
+        self.rules = load_rules(policies if policies else [], "policies", policy_dir)  # a bad rule fails here
+        self.instrument: Instrument | None = None
+        self.policy: PolicyEngine | None = None
+        self._save_pending = self._stop_pending = False
+        self._owns_run = tracker is None
+
+    @classmethod
+    def from_config(cls, source: str | Path | Mapping[str, Any], **kwargs: Any) -> WorkbenchCallback:
+        """From a YAML file or a dict with the keys a stage config has: `seed`, `snapshot`, `tracking`, `policies`."""
+        config: CallbackConfig = load_callback_config(source)
+        policy_dir = None if isinstance(source, Mapping) else Path(source).parent
+        return cls(
+            config.snapshot,
+            config.tracking,
+            seed=config.seed,
+            policies=config.policies,
+            policy_dir=policy_dir,
+            **kwargs,
+        )
+
+    # --- trainer events -------------------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        _refuse_mlflow_callback(args)  # when the trainer is built, before MLflowCallback could start its run
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        _refuse_mlflow_callback(args)  # again, for a callback added after the trainer was built
+        if not state.is_world_process_zero:
+            return
+        if self.tracker is None:
+            self.tracker = self._start_run(args, kwargs["model"])
+        device = next(kwargs["model"].parameters()).device
+        probe = self._probe_set(kwargs.get("processing_class")).to(str(device))
+        self.instrument = Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
+        if self.rules:
+            from workbench.policies import PolicyEngine
+
+            self.policy = PolicyEngine(self.rules, tracker=self.tracker)
+        self._snapshot(kwargs["model"], state.global_step)  # a decision at step 0 is acted on after the first step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.instrument is not None:
+            self._snapshot(kwargs["model"], state.global_step)
+            self._act(control)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.tracker is None or not state.is_world_process_zero or not logs:
+            return
+        metrics = {
+            workbench_metric_name(key): float(value)
+            for key, value in logs.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        self.tracker.log_metrics(metrics, state.global_step)
+        self._observe(state.global_step, metrics)
+        self._act(control)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.tracker is None or not state.is_world_process_zero:
+            return
+        if self.policy is not None:
+            self.policy.finish()
+        if self._owns_run:
+            self.tracker.finish("FINISHED")
+            self.tracker = None
+        else:
+            self.tracker.flush()
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _start_run(self, args: TrainingArguments, model: Any) -> Tracker:
+        tracking = self.tracking
+        tags = {"workbench.stage": "callback", "workbench.model_class": type(_unwrap(model)).__name__}
+        tracker = Tracker.start(tracking.uri, tracking.experiment, tracking.run_name, tags, tracking.flush_seconds)
+        params = {f"trainer.{k}": v for k, v in args.to_sanitized_dict().items() if len(str(v)) <= 500}
+        params.update({f"snapshot.{k}": v for k, v in self.snapshot.model_dump(mode="json").items()})
+        tracker.log_params({**params, "seed": self.seed})
+        return tracker
+
+    def _snapshot(self, model: Any, step: int) -> None:
+        if self.instrument.due(step):
+            self._observe(step, self.instrument(_unwrap(model), step))
+
+    def _observe(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.policy is not None and metrics:
+            decision = self.policy.observe(step, metrics)
+            self._save_pending |= decision.checkpoint
+            self._stop_pending |= decision.stop
+
+    def _act(self, control: TrainerControl) -> None:
+        """The policy's decisions as the trainer's own flags, at events after which the trainer reads them:
+        `should_save` writes a checkpoint at this step, `should_training_stop` ends training after it."""
+        control.should_save |= self._save_pending
+        control.should_training_stop |= self._stop_pending
+        self._save_pending = False
+
+    def _probe_set(self, tokenizer: Any) -> ProbeSet:
+        if isinstance(self.probes, ProbeSet):
+            return self.probes
+        rows = self.probes
+        if rows is None:
+            trainer = _calling_trainer()
+            rows = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+            if isinstance(rows, Mapping):  # several named eval sets: the first one
+                rows = next(iter(rows.values()))
+        return probe_set_from_rows(rows, tokenizer, self.snapshot.probes, self.seed)
+
+
+def _refuse_mlflow_callback(args: TrainingArguments) -> None:
+    if "mlflow" in (args.report_to or []):
+        raise WorkbenchError(
+            "report_to includes 'mlflow': transformers would open a second MLflow run next to the workbench's; "
+            "set report_to='none' (or leave 'mlflow' out)"
+        )
+
+
+def _unwrap(model: Any) -> Any:
+    """The module whose hidden states we want: out of DDP/FSDP/compile wrappers, and out of a peft wrapper
+    (whose base model keeps the adapters injected, so its forward is the adapted model's)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _calling_trainer() -> Trainer:
+    """The `Trainer` whose `train()` is running: callbacks are handed its model and tokenizer but not its
+    datasets, and `train_dataset` / `eval_dataset` are public attributes of the trainer on the call stack."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    raise WorkbenchError("WorkbenchCallback: no Trainer found to take probes from; pass probes=... explicitly")
+
+
+def probe_set_from_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, n_probes: int, seed: int) -> ProbeSet:
+    """A seeded sample of dataset rows as a padded probe batch.
+
+    Rows may be tokenized the way each trainer leaves them (`input_ids`: Trainer/SFT; `prompt_ids` +
+    `chosen_ids`: DPO; `chosen_ids`: reward model) or raw text in TRL's formats. The answer position (for
+    `answer` pooling) is the last prompt token, where rows have a prompt.
+    """
+    import torch
+
+    if rows is None or len(rows) == 0:
+        raise WorkbenchError("snapshot.probes: the dataset to take probes from is empty")
+    ids = choose_probe_ids(range(len(rows)), n_probes, seed)
+    encoded = [_encode_row(rows[i], tokenizer) for i in ids]
+    tokens = [t[:PROBE_MAX_TOKENS] for t, _ in encoded]
+    prompt_lengths = [p for _, p in encoded]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    width = max(len(t) for t in tokens)
+    input_ids = torch.full((len(tokens), width), pad if pad is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros((len(tokens), width), dtype=torch.long)
+    for row, t in enumerate(tokens):
+        input_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        attention_mask[row, : len(t)] = 1
+    answer_positions = None
+    if all(p is not None and 0 < p <= len(t) for p, t in zip(prompt_lengths, tokens, strict=True)):
+        answer_positions = torch.tensor([p - 1 for p in prompt_lengths])
+    return ProbeSet(ids=ids, input_ids=input_ids, attention_mask=attention_mask, answer_positions=answer_positions)
+
+
+def _encode_row(row: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], int | None]:
+    """(token ids, prompt length or None) of one row, whichever format it is in."""
+    if "input_ids" in row:  # SFTTrainer masks the prompt out of the labels: the answer starts at the first label
+        kept = [label != -100 for label in row.get("labels") or []]
+        return list(row["input_ids"]), (kept.index(True) if True in kept else None)
+    if "prompt_ids" in row and "chosen_ids" in row:
+        return list(row["prompt_ids"]) + list(row["chosen_ids"]), len(row["prompt_ids"])
+    if "chosen_ids" in row:
+        return list(row["chosen_ids"]), None
+    if tokenizer is None:
+        raise WorkbenchError("snapshot.probes: text rows need the trainer's tokenizer (processing_class)")
+    if "text" in row:
+        return _tokenize(tokenizer, row["text"]), None
+    if "messages" in row:
+        return _tokenize(tokenizer, row["messages"]), None
+    if "prompt" in row:
+        answer = row.get("completion", row.get("chosen", ""))
+        prompt = _tokenize(tokenizer, row["prompt"])
+        # Strings concatenate, and so do conversational prompt/answer lists of messages.
+        return _tokenize(tokenizer, row["prompt"] + answer), len(prompt)
+    raise WorkbenchError(
+        f"snapshot.probes: rows have columns {sorted(row)}; expected input_ids, prompt_ids+chosen_ids, chosen_ids, "
+        "text, messages or prompt"
+    )
+
+
+def _tokenize(tokenizer: Any, content: str | list[dict[str, str]]) -> list[int]:
+    if isinstance(content, list):  # conversational: the tokenizer's chat template renders it
+        content = tokenizer.apply_chat_template(content, tokenize=False)
+    return list(tokenizer(content, add_special_tokens=False)["input_ids"])
