@@ -290,6 +290,10 @@ def run(config: GrokkingConfig, tracker: Tracker) -> StageResult:
     tracker.log_metrics(facts, history.eval_steps[-1])  # the last step trained, whether stopped early or not
     if history.stopped_at is not None:
         summary.insert(0, f"stopped at step {history.stopped_at} of {config.train.max_steps}: {history.stop_reason}")
+    grokked = facts.get("grokking/grokking_step")
+    for firing in (f for f in policy.firings if f.kind == "event"):
+        when = f" ({_relative_to(firing.step, int(grokked))} grokking)" if grokked is not None else ""
+        summary.insert(2, f"step {firing.step}{when}: {firing.message}")
     model_uri = _log_model(model, tracker)
     return StageResult(model_uri=model_uri, metrics=facts, summary=summary)
 

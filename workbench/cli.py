@@ -131,6 +131,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",
@@ -168,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, some of: {', '.join(FEATURE_METRICS)} (default: all)",
     )
     analyze.add_argument("--layers", default=None, help="comma-separated layer names or indices (default: all)")
-    analyze.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    _add_tracking_uri(analyze)
     analyze.set_defaults(handler=cmd_analyze)
 
     ls = verbs.add_parser("ls", help="list recent runs with status and key metrics")
-    ls.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    _add_tracking_uri(ls)
     ls.add_argument("--experiment", default=None, help="only this experiment")
     ls.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
     ls.set_defaults(handler=cmd_ls)
@@ -187,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("policy", type=Path, metavar="POLICY", help="YAML list of rules (docs/policies.md)")
     backtest.add_argument("run_ids", nargs="*", metavar="RUN_ID")
     backtest.add_argument("--experiment", default=None, help="also every run of this experiment")
-    backtest.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
-    )
+    _add_tracking_uri(backtest)
     backtest.set_defaults(handler=cmd_backtest)
 
     stop = verbs.add_parser(
@@ -199,12 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanly (FINISHED, workbench.stop_reason 'stop requested').",
     )
     stop.add_argument("run_id", metavar="RUN_ID")
-    stop.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    _add_tracking_uri(stop)
     stop.set_defaults(handler=cmd_stop)
 
     events = verbs.add_parser("events", help="list a run's forecaster events, policy alerts and stops in step order")
     events.add_argument("run_id", metavar="RUN_ID")
-    events.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    _add_tracking_uri(events)
     events.set_defaults(handler=cmd_events)
     return parser
 
