@@ -23,6 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workbench.config import SnapshotConfig
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALLBACK_EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_train_end")
 
 
-def timed_train(steps: int, with_callback: bool, tmp: Path) -> tuple[float, float]:
+def timed_train(steps: int, with_callback: bool, tmp: Path, snapshot: SnapshotConfig) -> tuple[float, float]:
     """Wall seconds of `trainer.train()`, and of that the seconds spent inside the callback."""
     import torch
     from datasets import Dataset
@@ -41,7 +45,7 @@ def timed_train(steps: int, with_callback: bool, tmp: Path) -> tuple[float, floa
     from pipelines.supervised import training_arguments
     from pipelines.task import ReversalTask
     from workbench.callback import WorkbenchCallback
-    from workbench.config import SFTConfig, SnapshotConfig
+    from workbench.config import SFTConfig
     from workbench.models import build_causal_lm, train_tokenizer
     from workbench.tracking import Tracker
 
@@ -54,7 +58,7 @@ def timed_train(steps: int, with_callback: bool, tmp: Path) -> tuple[float, floa
     callbacks, tracker = [], None
     if with_callback:
         tracker = Tracker.start(f"sqlite:///{tmp / 'mlflow.db'}", "callback-overhead")
-        callback = WorkbenchCallback(SnapshotConfig(), tracker=tracker)
+        callback = WorkbenchCallback(snapshot, tracker=tracker)
         for event in CALLBACK_EVENTS:
             setattr(callback, event, _timed(getattr(callback, event), inside))
         callbacks = [callback]
@@ -92,23 +96,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--pairs", type=int, default=3, help="bare/callback pairs")
+    parser.add_argument(
+        "--snapshot-from",
+        type=Path,
+        default=None,
+        help="take the snapshot settings from this stage config (default: SnapshotConfig(), the callback's)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "callback_overhead.json")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
     from transformers.utils import logging as hf_logging
 
-    from workbench.config import SnapshotConfig
+    from workbench.config import SnapshotConfig, load_config
     from workbench.runtime import configure_torch_threads
 
     hf_logging.disable_progress_bar()
     threads = configure_torch_threads()
+    snapshot = load_config(args.snapshot_from).snapshot if args.snapshot_from else SnapshotConfig()
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        timed_train(20, with_callback=True, tmp=Path(tmp))  # warm-up: imports, allocator, MLflow schema
+        timed_train(20, True, Path(tmp), snapshot)  # warm-up: imports, allocator, MLflow schema
         for i in range(args.pairs):
-            with_cb, inside = timed_train(args.steps, with_callback=True, tmp=Path(tmp))
-            bare, _ = timed_train(args.steps, with_callback=False, tmp=Path(tmp))
+            with_cb, inside = timed_train(args.steps, True, Path(tmp), snapshot)
+            bare, _ = timed_train(args.steps, False, Path(tmp), snapshot)
             pair = {"callback_s": with_cb, "bare_s": bare, "inside_callback_s": inside}
             pair.update(ratio=with_cb / bare, direct_share=inside / bare, bare_step_ms=1000 * bare / args.steps)
             pairs.append(pair)
@@ -119,14 +130,12 @@ def main() -> None:
                 flush=True,
             )
     ratio = statistics.median(p["ratio"] for p in pairs)
-    defaults = SnapshotConfig()
     result = {
-        "what": "TRL SFTTrainer on the built-in task (configs/sft.yaml sizes), WorkbenchCallback at its defaults "
-        "vs none, alternating pairs in one process",
+        "what": "TRL SFTTrainer on the built-in task (configs/sft.yaml sizes), with WorkbenchCallback vs without, "
+        "alternating pairs in one process",
+        "snapshot_settings": str(args.snapshot_from) if args.snapshot_from else "SnapshotConfig() defaults",
         "steps": args.steps,
-        "snapshot_every": defaults.every,
-        "snapshot_pooling": defaults.pooling,
-        "geometry": list(defaults.geometry),
+        "snapshot": snapshot.model_dump(mode="json"),
         "log_every": 10,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads}",
         "date": time.strftime("%Y-%m-%d"),

@@ -93,7 +93,7 @@ def _stage_file(name: str) -> Path:
 
 
 def _finished_stages(parent_run_id: str, tracker: Tracker) -> dict[int, Run]:
-    """Stage index -> the FINISHED nested run of an earlier run of this chain."""
+    """Stage index -> the FINISHED run an earlier run of this chain ran or itself reused for that stage."""
     client = tracker.client
     try:
         parent = client.get_run(parent_run_id)
@@ -101,14 +101,12 @@ def _finished_stages(parent_run_id: str, tracker: Tracker) -> dict[int, Run]:
         raise WorkbenchError(f"resume_from: no run {parent_run_id} in {tracker.tracking_uri}") from None
     if parent.data.tags.get("workbench.stage") != "chain":
         raise WorkbenchError(f"resume_from: run {parent_run_id} is not a chain run")
-    children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
-    by_id = {run.info.run_id: run for run in children if run.info.status == "FINISHED"}
     finished = {}
-    for key, value in parent.data.tags.items():
-        if key.startswith("workbench.chain.") and key.endswith(".run_id") and value in by_id:
-            finished[int(key.split(".")[2])] = by_id[value]
+    for key, run_id in parent.data.tags.items():
+        if key.startswith("workbench.chain.") and key.endswith(".run_id"):
+            run = client.get_run(run_id)
+            if run.info.status == "FINISHED":
+                finished[int(key.split(".")[2])] = run
     return finished
 
 

@@ -25,6 +25,7 @@ from pipelines.task import ReversalTask
 from workbench.callback import WorkbenchCallback
 from workbench.config import SFTConfig
 from workbench.data import load_stage_data
+from workbench.errors import WorkbenchError
 from workbench.models import log_model
 from workbench.runtime import resolve_device
 
@@ -39,6 +40,11 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
     train_rows, eval_rows, fmt = load_stage_data(
         config.data, "sft", ("prompt_completion", "messages", "text"), task.sft_rows, config.seed
     )
+    if fmt != "prompt_completion" and config.snapshot.enabled and config.snapshot.pooling == "answer":
+        raise WorkbenchError(
+            f"snapshot.pooling: 'answer' needs prompt/completion data to know where the answer starts, but "
+            f"{config.data.path} is in the {fmt} format; use snapshot.pooling=token (or last, mean)"
+        )
     model, tokenizer = starting_model(config, tracker)
     tracker.set_tags({"workbench.device": device, "workbench.data_format": fmt})
 

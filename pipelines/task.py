@@ -8,10 +8,12 @@ Correctness is computable, so every stage's effect is checkable without download
 
 - pretraining text: sentences stating reversals in other phrasings, `pretrain_noise` of them wrong (as
   on the web), so a pretrained model knows the content but not the prompt format;
-- an SFT set (prompt/completion), preference pairs (prompt/chosen/rejected) and rankings
-  (prompt/completions/ranking, best first), labelled by a simulated labeller whose utility is the gold
-  reward plus `length_bias` per letter: a biased labeller prefers longer answers, which a reward model
-  then learns and an RL policy can exploit (reward hacking on purpose);
+- an SFT set (prompt/completion), `sft_noise` of the demonstrations wrong as human ones can be, so that an
+  imitating model answers right only so often and preference tuning has something to fix;
+- preference pairs (prompt/chosen/rejected) and rankings (prompt/completions/ranking, best first),
+  labelled by a simulated labeller whose utility is the gold reward plus `length_bias` per letter: a
+  biased labeller prefers longer answers, which a reward model then learns and an RL policy can exploit
+  (reward hacking on purpose);
 - prompts for RL.
 
 The held-out strings (`eval_strings`) never occur in any training data, so gold accuracy on them

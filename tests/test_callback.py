@@ -111,6 +111,45 @@ def test_plain_trainer_gets_snapshots_geometry_and_its_logs_in_one_run(tracking_
     assert snaps.layers["layer_01"].shape == (3, 8 * 6, 32)
 
 
+def test_grpo_with_the_gold_reward_logs_trls_keys_and_geometry_from_prompt_only_probes(tracking_uri, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipelines.task import ReversalTask, gold_reward
+    from workbench.config import GoldTaskConfig, ModelConfig
+    from workbench.models import build_causal_lm, train_tokenizer
+
+    task = ReversalTask(GoldTaskConfig(n_train=64, n_pretrain=300))
+    tokenizer = train_tokenizer(task.pretraining_text(), 270)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        logging_steps=2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+    )
+    snapshot = {"every": 2, "probes": 8, "pooling": "answer"}  # GRPO's rows are prompts: answer = last prompt token
+    callback = WorkbenchCallback.from_config({"snapshot": snapshot, "tracking": {"uri": tracking_uri}})
+    GRPOTrainer(
+        model=build_causal_lm(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1), tokenizer),
+        reward_funcs=gold_reward,
+        args=args,
+        train_dataset=Dataset.from_list(task.rl_prompts()),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    ).train()
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {"reward", "reward_std", "rewards/gold_reward/mean", "entropy", "train/loss"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "geom/eff_rank/layer_01")] == [0, 2, 4]
+
+
 def test_a_policy_decision_stops_training_and_saves_a_checkpoint(tracking_uri, tmp_path):
     rule = {"name": "loss-logged", "when": {"metric": "train/loss", "above": -1}, "actions": ["checkpoint", "stop"]}
     config = {"snapshot": {"every": 5, "probes": 8}, "tracking": {"uri": tracking_uri}, "policies": [rule]}

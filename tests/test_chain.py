@@ -69,6 +69,11 @@ def test_a_failed_chain_keeps_its_finished_stages_and_resumes_from_them(tracking
         assert client.get_run(run_id).info.status == "FINISHED"
         assert sorted(a.path for a in client.list_artifacts(run_id, "model")) == before
 
+    # Resuming from the resumed chain reuses all three stages, wherever each ran.
+    again = write_chain(tmp_path, [], resume_from=parent.info.run_id)
+    assert main(["run", str(again), f"tracking.uri={tracking_uri}"]) == 0
+    assert capsys.readouterr().out.count("(reused)") == 3
+
 
 def test_a_stage_cannot_start_from_a_failed_stages_model(tracking_uri, capsys):
     from workbench.tracking import Tracker

@@ -179,6 +179,38 @@ def test_sft_with_lora_from_a_local_model_on_a_users_prompt_completion_file(stor
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
+def test_sft_on_conversations_uses_the_models_chat_template(store, saved_model, tmp_path, capsys):
+    model = tmp_path / "chat_model"
+    shutil.copytree(saved_model, model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(model)
+    chats = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in ReversalTask(GoldTaskConfig(n_train=40)).sft_rows()
+    ]
+    data = write_jsonl(tmp_path / "c.jsonl", chats)
+    # Conversations do not mark where the answer starts: the SFT config's answer pooling is refused up front.
+    run_stage(store, "sft.yaml", f"model.name_or_path={model}", f"data.path={data}", exit_code=2)
+    assert "snapshot.pooling: 'answer' needs prompt/completion data" in capsys.readouterr().err
+    client, run = run_stage(
+        store, "sft.yaml", f"model.name_or_path={model}", f"data.path={data}", "snapshot.pooling=token"
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["workbench.data_format"] == "messages"
+    assert "train/loss" in run.data.metrics and "geom/eff_rank/layer_01" in run.data.metrics
+
+
+def test_a_policy_stops_a_stage_and_its_checkpoint_is_kept_in_the_run(store, saved_model, capsys):
+    rule = "[{name: first-loss, when: {metric: train/loss, above: -1}, actions: [checkpoint, stop]}]"
+    client, run = run_stage(store, "sft.yaml", f"model.name_or_path={saved_model}", f"policies={rule}")
+    assert run.info.status == "FINISHED" and run.data.tags["workbench.stopped_at_step"] == "3"
+    assert "stopped at step 3 of 6" in capsys.readouterr().out
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/checkpoint-3")}
+    assert "checkpoints/checkpoint-3/model.safetensors" in saved
+
+
 def test_rm_on_rankings_logs_pairwise_accuracy_and_kendall_tau(store, saved_model, tmp_path):
     task = ReversalTask(GoldTaskConfig(n_train=40, n_eval=8))
     train = write_jsonl(tmp_path / "rank.jsonl", task.ranking_rows())
