@@ -128,3 +128,22 @@ def test_small_modulus_memorises_then_generalises(tracking_uri, run_grokking):
     assert "grokking/generalisation_step" in metrics, "test accuracy never reached 0.95"
     assert metrics["grokking/memorisation_step"] < metrics["grokking/generalisation_step"]
     assert metrics["train/acc"] >= 0.99
+
+
+def test_a_forecast_is_logged_as_an_event_and_reported_in_the_summary(tracking_uri, run_grokking, capsys, monkeypatch):
+    import analysis.forecast as forecast
+
+    class FiresAtTen:
+        name = "grokking_forecast"
+
+        def observe(self, step, metrics):
+            return forecast.ForecastEvent(self.name, step, {"predicted_onset_step": 30}) if step == 10 else None
+
+        def active(self, step):
+            return step >= 10
+
+    monkeypatch.setattr(forecast, "FORECASTERS", {"grokking_forecast": FiresAtTen})
+    run = run_grokking()
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "event/grokking_forecast")
+    assert [(m.step, m.value) for m in history] == [(10, 1.0)]
+    assert "step 10: forecast 'grokking_forecast' fired: predicted_onset_step=30" in capsys.readouterr().out
