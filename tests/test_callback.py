@@ -258,3 +258,40 @@ def test_examples_run_with_public_apis_only(script, tmp_path):
     client = MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and "geom/eff_rank/layer_01" in run.data.metrics
+
+
+def test_a_run_whose_training_dies_ends_failed_with_its_logs_kept(tracking_uri, tmp_path):
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from test_callback import train
+from workbench.callback import WorkbenchCallback
+
+class DiesAtStep3(WorkbenchCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if state.global_step == 3:
+            raise RuntimeError("out of memory, say")
+
+config = {{"snapshot": {{"every": 2, "probes": 8}}, "tracking": {{"uri": {tracking_uri!r}, "experiment": "cb"}}}}
+train(DiesAtStep3.from_config(config), Path({str(tmp_path)!r}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "out of memory, say" in out.stderr
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cb").experiment_id])
+    assert run.info.status == "FAILED" and "on_train_end" in run.data.tags["workbench.error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "geom/eff_rank/layer_01")] == [0, 2]
+
+
+def test_a_stop_request_ends_a_trainer_run_even_without_policies(tracking_uri, tmp_path):
+    from workbench.policies import STOP_REQUEST_TAG
+    from workbench.tracking import Tracker
+
+    with Tracker.start(tracking_uri, "cb") as tracker:
+        tracker.set_tags({STOP_REQUEST_TAG: "requested"})  # as `workbench stop RUN_ID` does
+        trainer = train(WorkbenchCallback(tracker=tracker, seed=0), tmp_path, steps=10)
+    assert trainer.state.global_step < 10
+    assert MlflowClient(tracking_uri).get_run(tracker.run_id).data.tags["workbench.stop_reason"] == "stop requested"

@@ -15,6 +15,7 @@ to run next to it: set `report_to="none"` (transformers' default since v5) or le
 
 from __future__ import annotations
 
+import atexit
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -120,13 +121,15 @@ class WorkbenchCallback(TrainerCallback):
             return
         if self.tracker is None:
             self.tracker = self._start_run(args, kwargs["model"])
+            # Callbacks hear of no exception: a run whose training dies is ended at exit, FAILED, its logs kept.
+            atexit.register(self._end_abandoned_run)
         device = next(kwargs["model"].parameters()).device
         probe = self._probe_set(kwargs.get("processing_class")).to(str(device))
         self.instrument = Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
-        if self.rules:
-            from workbench.policies import PolicyEngine
+        from workbench.policies import PolicyEngine
 
-            self.policy = PolicyEngine(self.rules, tracker=self.tracker)
+        # An engine even without rules, as in the workbench's own loops: forecasters run, `workbench stop` works.
+        self.policy = PolicyEngine(self.rules, tracker=self.tracker)
         self._snapshot(kwargs["model"], state.global_step)  # a decision at step 0 is acted on after the first step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -161,10 +164,19 @@ class WorkbenchCallback(TrainerCallback):
         if self.policy is not None:
             self.policy.finish()
         if self._owns_run:
+            atexit.unregister(self._end_abandoned_run)
             self.tracker.finish("FINISHED")
             self.tracker = None
         else:
             self.tracker.flush()
+
+    def _end_abandoned_run(self) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(
+                {"workbench.error": "training ended before the trainer's on_train_end (an exception?)"}
+            )
+            self.tracker.finish("FAILED")
+            self.tracker = None
 
     # --- helpers --------------------------------------------------------------------------------------
 
