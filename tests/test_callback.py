@@ -295,3 +295,39 @@ def test_a_stop_request_ends_a_trainer_run_even_without_policies(tracking_uri, t
         trainer = train(WorkbenchCallback(tracker=tracker, seed=0), tmp_path, steps=10)
     assert trainer.state.global_step < 10
     assert MlflowClient(tracking_uri).get_run(tracker.run_id).data.tags["workbench.stop_reason"] == "stop requested"
+
+
+def test_under_ddp_rank_0s_stop_reaches_every_rank(tracking_uri, tmp_path):
+    # Two CPU processes (gloo). Rank 0 decides at its first log (step 2); the decision is broadcast at the
+    # next step end. Without the broadcast rank 1 would train on alone and hang in its next all-reduce.
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from test_callback import lm_rows, tiny_llama
+from workbench.callback import WorkbenchCallback
+
+rule = {{"name": "stop-at-first-log", "when": {{"metric": "train/loss", "below": 1e9}}, "actions": ["stop"]}}
+config = {{"snapshot": {{"every": 100, "probes": 4}}, "tracking": {{"uri": {tracking_uri!r}, "experiment": "ddp"}},
+          "policies": [rule]}}
+args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, max_steps=20, per_device_train_batch_size=4,
+                         logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo",
+                         disable_tqdm=True)
+trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Dataset.from_list(lm_rows(64, 12, seed=0)),
+                  callbacks=[WorkbenchCallback.from_config(config)])
+trainer.train()
+print(f"rank {{dist.get_rank()}} of {{dist.get_world_size()}} stopped at step {{trainer.state.global_step}}")
+"""
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0 of 2 stopped at step 3" in out.stdout and "rank 1 of 2 stopped at step 3" in out.stdout
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FINISHED" and "stop-at-first-log" in run.data.tags["workbench.stop_reason"]

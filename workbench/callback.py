@@ -44,6 +44,22 @@ RENAMED_KEYS = {
 PROBE_MAX_TOKENS = 128  # longer probes are truncated: snapshots are about geometry, not long contexts
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank_0(*flags: bool) -> list[bool]:
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL only moves GPU tensors
+    shared = torch.tensor(flags, dtype=torch.uint8, device=device)
+    dist.broadcast(shared, src=0)
+    return [bool(v) for v in shared.tolist()]
+
+
 def workbench_metric_name(key: str) -> str:
     """`loss` -> `train/loss`, `eval_loss` -> `eval/loss`, `train_runtime` -> `train/runtime`; others unchanged."""
     if key in RENAMED_KEYS:
@@ -135,7 +151,7 @@ class WorkbenchCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.instrument is not None:
             self._snapshot(kwargs["model"], state.global_step)
-            self._act(control)
+        self._act(control, every_rank=True)  # every rank reaches each step end: there rank 0's decision is shared
 
     def on_log(
         self,
@@ -199,11 +215,20 @@ class WorkbenchCallback(TrainerCallback):
             self._save_pending |= decision.checkpoint
             self._stop_pending |= decision.stop
 
-    def _act(self, control: TrainerControl) -> None:
+    def _act(self, control: TrainerControl, every_rank: bool = False) -> None:
         """The policy's decisions as the trainer's own flags, at events after which the trainer reads them:
-        `should_save` writes a checkpoint at this step, `should_training_stop` ends training after it."""
-        control.should_save |= self._save_pending
-        control.should_training_stop |= self._stop_pending
+        `should_save` writes a checkpoint at this step, `should_training_stop` ends training after it.
+
+        Only rank 0 decides. In a distributed run its decision is broadcast at step ends, which every rank
+        reaches: a rank that stopped alone would leave the others waiting in their next all-reduce.
+        """
+        save, stop = self._save_pending, self._stop_pending
+        if _distributed():
+            if not every_rank:
+                return  # a decision made in on_log (rank 0 only) waits for the next step end
+            save, stop = _broadcast_from_rank_0(save, stop)
+        control.should_save |= save
+        control.should_training_stop |= stop
         self._save_pending = False
 
     def _probe_set(self, tokenizer: Any) -> ProbeSet:
