@@ -321,6 +321,8 @@ trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Dataset.from_list
                   callbacks=[WorkbenchCallback.from_config(config)])
 trainer.train()
 print(f"rank {{dist.get_rank()}} of {{dist.get_world_size()}} stopped at step {{trainer.state.global_step}}")
+dist.barrier()
+dist.destroy_process_group()  # gloo's threads abort the process at exit if the group is left open
 """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
