@@ -55,6 +55,14 @@ def test_last_mean_and_answer_pooling():
     assert Pooler(PROBE, "answer", 100, 0).points(PROBE) == [[10, 2], [20, 3]]
 
 
+@pytest.mark.parametrize("pooling", ["token", "last", "mean", "answer"])
+def test_pooling_probe_batches_gives_the_points_of_the_whole_probe_set(pooling):
+    pooler = Pooler(PROBE, pooling, max_points=5, seed=2)  # token: a subsample spanning both probes
+    batches = torch.cat([pooler(HIDDEN[:1], first_row=0), pooler(HIDDEN[1:], first_row=1)])
+    assert torch.equal(batches, pooler(HIDDEN))
+    assert len(batches) == len(pooler.points(PROBE))
+
+
 def test_answer_pooling_without_answer_positions_is_a_user_error():
     probe = ProbeSet(ids=[1], input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2))
     with pytest.raises(WorkbenchError, match="snapshot.pooling"):

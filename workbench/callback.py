@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer, TrainerCallback
 
-from workbench.config import CallbackConfig, SnapshotConfig, TrackingConfig, load_callback_config
+from workbench.config import (
+    CallbackConfig,
+    CallbackSnapshotConfig,
+    SnapshotConfig,
+    TrackingConfig,
+    load_callback_config,
+)
 from workbench.errors import WorkbenchError
 from workbench.instrument import Instrument
 from workbench.snapshots import ProbeSet, choose_probe_ids
@@ -74,7 +80,8 @@ class WorkbenchCallback(TrainerCallback):
     """Snapshots, online geometry and MLflow logging for a `transformers` / TRL trainer.
 
     Args:
-        snapshot: what to snapshot and how often (`SnapshotConfig`, the stage configs' `snapshot` key).
+        snapshot: what to snapshot and how often (the stage configs' `snapshot` key; default
+            `CallbackSnapshotConfig()`: every 50 steps, 256 probes from the eval dataset, token pooling).
         tracking: where the run goes, when the callback opens its own (`TrackingConfig`).
         tracker: an open run to log into instead (the workbench's stages pass theirs); it is not finished here.
         probes: the fixed probe set: a `ProbeSet`, or rows (a `datasets.Dataset` or a list of dicts with
@@ -99,7 +106,7 @@ class WorkbenchCallback(TrainerCallback):
     ) -> None:
         from workbench.policies import load_rules
 
-        self.snapshot = snapshot or SnapshotConfig()
+        self.snapshot = snapshot or CallbackSnapshotConfig()
         self.tracking = tracking or TrackingConfig()
         self.tracker = tracker
         self.probes = probes

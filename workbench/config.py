@@ -45,6 +45,9 @@ class SnapshotConfig(_Strict):
     )
     max_points: int = Field(4096, gt=0, description="Cap on points per snapshot (token pooling).")
     probes: int = Field(1024, gt=0, description="Size of the fixed held-out probe set.")
+    probe_batch_size: int = Field(
+        256, gt=0, description="Probes per forward pass of a snapshot: bounds the memory of all layers' states."
+    )
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored precision of snapshots.")
     geometry: list[Feature] = Field(
         list(ONLINE_DEFAULT),
@@ -301,11 +304,19 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 
+class CallbackSnapshotConfig(SnapshotConfig):
+    """Snapshots in someone's own trainer. Its probes are eval rows at their full length through a model of any
+    size, and a snapshot's forward pass costs about probes / batch size training forwards, so there are fewer
+    probes than the built-in stages use (what that buys: benchmarks/callback_overhead.py)."""
+
+    probes: int = Field(256, gt=0, description="Size of the fixed probe set, sampled from the eval dataset.")
+
+
 class CallbackConfig(_Strict):
     """`WorkbenchCallback.from_config`: the keys a stage config has for snapshots, tracking and policies."""
 
     seed: int = Field(0, description="Seeds the probe choice.")
-    snapshot: SnapshotConfig = SnapshotConfig()
+    snapshot: CallbackSnapshotConfig = CallbackSnapshotConfig()
     tracking: TrackingConfig = TrackingConfig()
     policies: list[dict[str, Any]] | str = Field([], description="Early-stop policy rules, or a path to a YAML file.")
 

@@ -61,16 +61,20 @@ class Instrument:
 
         was_training = model.training
         model.eval()
+        batches = []  # per probe batch, the pooled points of every layer
+        batch_size = self.config.probe_batch_size  # all layers' hidden states of a batch are held at once
         try:
             with torch.inference_mode():
-                out = model(
-                    input_ids=self.probe.input_ids,
-                    attention_mask=self.probe.attention_mask,
-                    output_hidden_states=True,
-                )
+                for first in range(0, len(self.probe.ids), batch_size):
+                    out = model(
+                        input_ids=self.probe.input_ids[first : first + batch_size],
+                        attention_mask=self.probe.attention_mask[first : first + batch_size],
+                        output_hidden_states=True,
+                    )
+                    batches.append([self.pooler(hidden.float(), first) for hidden in out.hidden_states])
         finally:
             model.train(was_training)
-        return [self.pooler(hidden.float()) for hidden in out.hidden_states]
+        return [torch.cat(layer) for layer in zip(*batches, strict=True)]
 
     def _start(self, states: list[torch.Tensor]) -> None:
         n_layers = len(states)

@@ -92,11 +92,15 @@ class Pooler:
             probe_row, position = rows, torch.full_like(rows, -1)
         self.probe_row, self.position, self.mask = probe_row, position, mask
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The points of probes `first_row ... first_row + len(hidden) - 1` (a batch of the probe set), in the
+        order they have in the whole snapshot, so batches concatenate to the same points."""
+        rows = slice(first_row, first_row + len(hidden))
         if self.pooling == "mean":
-            weights = self.mask.unsqueeze(-1).to(hidden.dtype)
+            weights = self.mask[rows].unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
-        return hidden[self.probe_row, self.position]
+        here = (self.probe_row >= rows.start) & (self.probe_row < rows.stop)
+        return hidden[self.probe_row[here] - first_row, self.position[here]]
 
     def points(self, probe: ProbeSet) -> list[list[int]]:
         """(probe id, position) of each point; position -1 for mean pooling."""
