@@ -17,6 +17,8 @@ STAGES: dict[str, str] = {
     "sft": "pipelines.sft",
     "rm": "pipelines.rm",
     "dpo": "pipelines.dpo",
+    "grpo": "pipelines.grpo",
+    "ppo": "pipelines.ppo",
     "chain": "pipelines.chain",
 }
 

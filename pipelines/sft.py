@@ -20,7 +20,14 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from pipelines import StageResult
-from pipelines.supervised import held_out_check, log_checkpoints, starting_model, stop_summary, training_arguments
+from pipelines.supervised import (
+    held_out_check,
+    log_checkpoints,
+    lora_config,
+    starting_model,
+    stop_summary,
+    training_arguments,
+)
 from pipelines.task import ReversalTask
 from workbench.callback import WorkbenchCallback
 from workbench.config import SFTConfig
@@ -48,18 +55,7 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
     model, tokenizer = starting_model(config, tracker)
     tracker.set_tags({"workbench.device": device, "workbench.data_format": fmt})
 
-    peft_config = None
-    if config.lora.enabled:
-        from peft import LoraConfig
-
-        lora = config.lora
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(config.lora)
 
     gold = config.data.path is None
 

@@ -14,14 +14,15 @@ from pipelines.task import gold_reward
 from workbench.models import load_pretrained
 
 if TYPE_CHECKING:
+    from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
     from workbench.callback import WorkbenchCallback
-    from workbench.config import StageConfig
+    from workbench.config import LoraSettings, StageConfig
     from workbench.tracking import Tracker
 
 # The stage a stage starts from, trained on the fly (with its defaults) when `model.name_or_path` is empty.
-PREVIOUS_STAGE = {"sft": "pretrain", "rm": "sft", "dpo": "sft"}
+PREVIOUS_STAGE = {"sft": "pretrain", "rm": "sft", "dpo": "sft", "grpo": "sft", "ppo": "sft"}
 MAX_CHECKED_PROMPTS = 256  # held-out prompts answered by generation at the start and the end of a stage
 GOLD_SAMPLES = 4  # sampled answers per held-out prompt behind gold/accuracy
 
@@ -55,6 +56,18 @@ def training_arguments(
         dataloader_num_workers=0,
         disable_tqdm=False,
         **extra,
+    )
+
+
+def lora_config(lora: LoraSettings) -> LoraConfig | None:
+    """The `lora` settings as peft's `LoraConfig` (LoRA, Hu et al. 2021: W + (alpha / r) B A on every linear
+    layer), or None for full fine-tuning."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules="all-linear", task_type="CAUSAL_LM"
     )
 
 

@@ -102,8 +102,17 @@ def test_collapse_of_effective_rank_needs_two_snapshots_below_a_fifth_of_the_sta
     assert event is not None and event.details["kind"] == "representation" and detector.active(500)
 
 
-def test_collapse_on_entropy_and_kl():
-    assert CollapseDetector().observe(3, {"entropy": 0.4}).details["kind"] == "entropy"
+def test_entropy_collapse_is_an_rl_policys_entropy_under_a_tenth_of_its_first_value():
+    detector = CollapseDetector()
+    assert detector.observe(10, {"entropy": 0.3, "reward": 1.0}) is None
+    assert detector.observe(20, {"entropy": 0.031, "reward": 1.2}) is None  # just above 0.1 x 0.3
+    event = detector.observe(30, {"entropy": 0.029, "reward": 1.3})
+    assert event.details == {"kind": "entropy", "metric": "entropy", "value": 0.029, "first": 0.3}
+    supervised = CollapseDetector()  # no proxy reward: falling entropy on demonstrations is fitting them
+    assert all(supervised.observe(s, {"entropy": 2.0 / (s + 1)}) is None for s in range(100))
+
+
+def test_collapse_on_kl():
     assert CollapseDetector().observe(3, {"entropy": 0.6, "kl": 12.0}).details["kind"] == "kl"
     assert CollapseDetector().observe(3, {"entropy": 0.6, "objective/kl": 9.0}) is None
 

@@ -277,6 +277,61 @@ class DPOConfig(_SupervisedStageConfig):
     max_new_tokens: int = Field(16, gt=0, description="Tokens generated per held-out prompt in the gold check.")
 
 
+# --- the RL stages on language (grpo, ppo; pipelines/rl.py) -------------------------------------------------
+
+
+class RLTrainConfig(TrainConfig):
+    max_steps: int = Field(150, gt=0, description="Policy updates to run (one rollout batch each).")
+    eval_every: int = Field(10, gt=0, description="Log RL statistics and the held-out gold check every N steps.")
+    batch_size: int = Field(64, gt=0, description="Sampled answers per update (GRPO: prompts x group_size).")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW (decoupled) weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+
+
+class RLRewardSettings(_Strict):
+    function: Literal["rm", "gold", "self_confidence"] = Field(
+        "rm",
+        description="rm: the trained reward model (proxy); gold: the task's gold reward; self_confidence: the "
+        "policy's own mean token probability of its answer (self-feedback, RLSF-style).",
+    )
+    model: str | None = Field(
+        None,
+        description="The reward model for function rm: a save_pretrained dir or runs:/<id>/model of the rm stage, "
+        "with the policy's tokenizer. Empty: an RM is trained on the fly from the starting model (rm defaults).",
+    )
+    rm_steps: int = Field(1500, gt=0, description="Steps of an RM trained on the fly (empty `model`).")
+
+
+class _RLStageConfig(StageConfig):
+    model: ModelConfig = ModelConfig()
+    task: GoldTaskConfig = GoldTaskConfig()
+    train: RLTrainConfig = RLTrainConfig()
+    lora: LoraSettings = LoraSettings()
+    reward: RLRewardSettings = RLRewardSettings()
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL penalty to the frozen reference.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of an entropy bonus in the policy loss.")
+    clip_eps: float = Field(0.2, gt=0, description="epsilon of the clipped surrogate (PPO eq. 7).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    max_new_tokens: int = Field(12, gt=0, description="Longest sampled answer, in tokens.")
+
+
+class GRPOConfig(_RLStageConfig):
+    stage: Literal["grpo"] = "grpo"
+    group_size: int = Field(
+        8, ge=2, description="Answers sampled per prompt; advantages are rewards standardised within a group."
+    )
+
+
+class PPOConfig(_RLStageConfig):
+    stage: Literal["ppo"] = "ppo"
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
+    minibatches: int = Field(4, gt=0, description="Minibatches per pass.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE (Schulman et al. 2016).")
+    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+
+
 class ChainStep(_Strict):
     config: str = Field(
         ..., min_length=1, description="A stage config file: a path, or relative to the repository (configs/sft.yaml)."
@@ -300,6 +355,8 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "sft": SFTConfig,
     "rm": RewardConfig,
     "dpo": DPOConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
     "chain": ChainConfig,
 }
 

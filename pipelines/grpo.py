@@ -1,0 +1,119 @@
+"""Group relative policy optimisation (GRPO; Shao et al. 2024, DeepSeekMath) with TRL's GRPOTrainer.
+
+For each prompt x the policy samples a group of G = `group_size` answers y_1..y_G and each gets a reward r_i
+(`reward.function`: the trained RM, the gold reward or the policy's own confidence; pipelines/rl.py). The
+advantage needs no value model: it is the reward standardised within its group,
+
+    A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G),
+
+given to every token of y_i, and the loss is PPO's clipped surrogate (`clip_eps`) with a KL penalty
+beta * KL(pi_theta || pi_ref) to the frozen starting policy (`kl_coef`; TRL's k3 estimator) and, optionally,
+an entropy bonus (`entropy_coef`). TRL logs `reward`, `reward_std`, `rewards/<function>/mean`, `kl` (when
+beta > 0), `entropy`, `clip_ratio/...` and `completions/mean_length`; the stage adds the held-out gold check
+(`gold/accuracy`, `gold/reward`, `gold/greedy_accuracy`) to every log, so a proxy that rises while gold falls
+is visible in one row (and to the collapse forecaster).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig as TRLGRPOConfig
+from trl import GRPOTrainer
+
+from pipelines import StageResult
+from pipelines.rl import gold_check, reward_function, start
+from pipelines.supervised import log_checkpoints, lora_config, stop_summary
+from pipelines.task import ReversalTask
+from workbench.callback import WorkbenchCallback
+from workbench.config import GRPOConfig
+from workbench.errors import WorkbenchError
+from workbench.models import log_model
+from workbench.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from workbench.tracking import Tracker
+
+
+class GoldCheckCallback(TrainerCallback):
+    """Adds the held-out gold check to each training log, before `WorkbenchCallback` logs it."""
+
+    def __init__(self, task: ReversalTask, max_new_tokens: int) -> None:
+        self.task, self.max_new_tokens = task, max_new_tokens
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is not None and "reward" in logs:  # a training log, not the end-of-run summary
+            logs.update(gold_check(kwargs["model"], kwargs["processing_class"], self.task, self.max_new_tokens))
+
+
+def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
+    device = resolve_device(config.device)
+    if config.train.batch_size % config.group_size:
+        raise WorkbenchError(
+            f"train.batch_size: {config.train.batch_size} answers per step is not a multiple of group_size "
+            f"{config.group_size}"
+        )
+    torch.manual_seed(config.seed)
+    task = ReversalTask(config.task, config.seed)
+    config, policy, tokenizer, base = start(config, tracker)
+    tracker.set_tags({"workbench.device": device, "workbench.reward": config.reward.function})
+
+    peft_config = lora_config(config.lora)
+
+    with tempfile.TemporaryDirectory(prefix="workbench-grpo-") as output_dir:
+        # TRL builds its frozen reference from the policy's path, so the policy is handed over as one.
+        start_dir = Path(output_dir) / "start"
+        policy.save_pretrained(start_dir)
+        tokenizer.save_pretrained(start_dir)
+        reward = reward_function(config, tracker, base, tokenizer, lambda: trainer.model, device)
+        train = config.train
+        args = TRLGRPOConfig(
+            output_dir=output_dir,
+            max_steps=train.max_steps,
+            per_device_train_batch_size=train.batch_size,
+            num_generations=config.group_size,
+            max_completion_length=config.max_new_tokens,
+            temperature=config.temperature,
+            beta=config.kl_coef,
+            epsilon=config.clip_eps,
+            entropy_coef=config.entropy_coef,
+            learning_rate=train.lr,
+            weight_decay=train.weight_decay,
+            warmup_steps=train.warmup_steps,
+            lr_scheduler_type="constant_with_warmup",
+            logging_steps=train.eval_every,
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            use_cpu=device == "cpu",
+            bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+        )
+        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
+        trainer = GRPOTrainer(
+            model=str(start_dir),
+            reward_funcs=reward,
+            args=args,
+            train_dataset=Dataset.from_list(task.rl_prompts()),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[GoldCheckCallback(task, config.max_new_tokens), callback],
+        )
+        before = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
+        tracker.log_metrics(before, 0)
+        trainer.train()
+        after = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
+        tracker.log_metrics(after, trainer.state.global_step)
+        log_checkpoints(output_dir, tracker)
+
+    model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
+    summary = [f"{key}: {before[key]:.3f} before GRPO -> {after[key]:.3f} after" for key in sorted(after)]
+    summary[:0] = stop_summary(callback, config.train.max_steps)
+    return StageResult(model_uri=log_model(model, tokenizer, tracker), metrics=after, summary=summary)

@@ -1,0 +1,158 @@
+"""What the RL stages (grpo, ppo) share: the starting policy, the reward they maximise and the gold check.
+
+Rewards (`reward.function`), each with TRL's reward-function signature `f(prompts, completions) -> floats`:
+
+- `rm`: the reward model of the rm stage, r(x, y) of prompt + answer + EOS, as it was trained (a proxy: with
+  a biased labeller, `task.length_bias` > 0, it rewards longer answers and the policy can hack it);
+- `gold`: the task's gold reward (pipelines/task.py), the reward the proxy stands for;
+- `self_confidence`: the policy's own mean token probability of its answer, exp(1/T sum_t log pi(y_t|x, y_<t)),
+  a self-feedback reward in the spirit of RLSF (van Niekerk et al. 2025): no labels, and a known way to
+  drive entropy down.
+
+The RM must share the policy's tokenizer (it is a head on the same SFT model); the stages refuse one that
+does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipelines.rm import scores
+from pipelines.supervised import held_out_check, starting_model
+from pipelines.task import ReversalTask, gold_reward
+from workbench.errors import WorkbenchError
+from workbench.models import load_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from workbench.config import GRPOConfig, PPOConfig
+    from workbench.tracking import Tracker
+
+    RLConfig = GRPOConfig | PPOConfig
+
+RewardFunction = Callable[..., list[float]]
+CHECKED_PROMPTS = 128  # held-out prompts of the periodic gold check (x 4 sampled answers, + 1 greedy)
+
+
+def start(config: RLConfig, tracker: Tracker) -> tuple[RLConfig, PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The config as run, the policy to train, its tokenizer and the URI it came from.
+
+    The policy is `model.name_or_path`, else an SFT model trained now (nested, as `starting_model` does for
+    every stage). In a chain (pretrain -> sft -> rm -> ppo) the stage before is the rm stage: the policy is
+    then the model that RM started from, and the RM becomes `reward.model` (unless one is given).
+    """
+    uri = config.model.name_or_path
+    if uri is not None and uri.startswith("runs:/"):
+        try:
+            run = tracker.client.get_run(uri.removeprefix("runs:/").split("/")[0])
+        except Exception:  # MLflow raises several types for an unknown run id; load_pretrained says which
+            run = None
+        if run is not None and run.data.tags.get("workbench.stage") == "rm":
+            policy_uri = run.data.tags.get("workbench.base_model") or run.data.params["model.name_or_path"]
+            update = {"model": config.model.model_copy(update={"name_or_path": policy_uri})}
+            if config.reward.model is None:
+                update["reward"] = config.reward.model_copy(update={"model": uri})
+            config = config.model_copy(update=update)
+    policy, tokenizer = starting_model(config, tracker)
+    base = config.model.name_or_path or tracker.get_tag("workbench.base_model")
+    tracker.set_tags({"workbench.policy_model": base})
+    return config, policy, tokenizer, base
+
+
+def reward_function(
+    config: RLConfig,
+    tracker: Tracker,
+    base: str,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: Callable[[], PreTrainedModel],
+    device: str,
+) -> RewardFunction:
+    """The reward `reward.function` names; `policy()` is the policy being trained (for self-feedback)."""
+    if config.reward.function == "gold":
+        return gold_reward
+    if config.reward.function == "self_confidence":
+
+        def self_confidence(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
+            return mean_token_probability(policy(), tokenizer, prompts, completions)
+
+        return self_confidence
+    rm, rm_tokenizer = reward_model(config, tracker, base)
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise WorkbenchError(
+            f"reward.model: {config.reward.model or base}: its tokenizer does not match the policy's "
+            f"({len(rm_tokenizer)} vs {len(tokenizer)} tokens); train the RM on the policy's SFT model"
+        )
+    rm = rm.to(device).eval().requires_grad_(False)
+
+    def rm_reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
+        return scores(rm, rm_tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+
+    return rm_reward
+
+
+def reward_model(config: RLConfig, tracker: Tracker, base: str) -> tuple[Any, Any]:
+    """`reward.model`, or an RM trained now (nested run, rm defaults but `reward.rm_steps`) on the starting
+    model with this stage's task, so `task.length_bias` biases its labeller."""
+    uri = config.reward.model
+    if uri is None:
+        from pipelines.chain import run_nested
+        from workbench.config import RewardConfig
+
+        rm_config = RewardConfig(
+            seed=config.seed,
+            device=config.device,
+            task=config.task,
+            model=config.model.model_copy(update={"name_or_path": base}),
+            train={"max_steps": config.reward.rm_steps},
+            snapshot={"enabled": False},
+            tracking=config.tracking,
+        )
+        result, _ = run_nested(rm_config, tracker, run_name=f"rm (on the fly, for {config.stage})")
+        uri = result.model_uri
+    tracker.set_tags({"workbench.reward_model": uri})
+    try:
+        return load_pretrained(uri, tracker.tracking_uri, head="reward")
+    except WorkbenchError as exc:
+        raise WorkbenchError(f"reward.model: {str(exc).removeprefix('model.name_or_path: ')}") from None
+
+
+@torch.no_grad()
+def mean_token_probability(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+) -> list[float]:
+    """exp of the mean log-probability of each completion's tokens (and EOS) given its prompt."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    answers = [c + tokenizer.eos_token for c in completions]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids, strict=True))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):  # right-padded: positions start at 0
+        ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+        attention[row, : len(p) + len(a)] = 1
+        answer_mask[row, len(p) : len(p) + len(a)] = True
+    ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
+    try:
+        logprobs = model(input_ids=ids, attention_mask=attention).logits
+    finally:
+        model.train(was_training)
+    taken = logprobs[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    mask = answer_mask[:, 1:].float()
+    return ((taken * mask).sum(1) / mask.sum(1)).exp().tolist()
+
+
+def gold_check(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: ReversalTask, max_new_tokens: int
+) -> dict[str, float]:
+    """`gold/accuracy` (sampled), `gold/greedy_accuracy`, `gold/reward` on held-out prompts (supervised.py)."""
+    rows = task.sft_rows("eval")[:CHECKED_PROMPTS]
+    metrics = held_out_check(model, tokenizer, rows, "prompt_completion", True, max_new_tokens)
+    return {k: v for k, v in metrics.items() if k.startswith("gold/")}
