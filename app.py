@@ -1,60 +1,478 @@
-"""Workbench app, first cut: the runs in a tracking store and one run's training and geometry curves.
+"""Workbench app: the runs of a tracking store, compared, their geometry, policies backtested on them, and a
+stop button for live runs.
 
-    streamlit run app.py      # store: $MLFLOW_TRACKING_URI, else ./mlflow.db (as the CLI)
+    streamlit run app.py      # store: $MLFLOW_TRACKING_URI, else ./mlflow.db (as the CLI), or the sidebar field
 
-Data access lives in `workbench.runs`, shared with the CLI; this file only lays out the page.
+Pages: Runs (a filterable table that refreshes while runs are live), Compare (metrics of several runs on
+shared axes, by step), Geometry (layer x step heatmaps of a `geom/` feature with markers where things happened,
+per-layer lines, a snapshot explorer), Policies (edit, validate, backtest, save) and Live control (Stop).
+`?page=geometry&runs=ID,ID` opens a page on given runs. Data access lives in `workbench/` and is shared with
+the CLI; this file lays out the pages. Bad input (an unreachable store, a deleted run, a broken policy, a run
+without geometry yet) is a message on the page; user text is parsed as YAML data or matched as plain text,
+never run.
 """
 
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
+from workbench.backtest import backtest_run, run_landmarks, unlogged_metrics
 from workbench.errors import WorkbenchError
-from workbench.runs import metric_histories, recent_runs
+from workbench.policies import parse_policy, request_checkpoint, request_stop
+from workbench.runs import (
+    KEY_METRICS,
+    bulk_metric_histories,
+    geometry_features,
+    metric_histories,
+    metric_keys,
+    run_state,
+    run_table,
+)
+from workbench.snapshots import Snapshots, load_snapshots
 from workbench.tracking import resolve_tracking_uri
 
-st.set_page_config(page_title="Training-dynamics workbench", layout="wide")
-uri = st.sidebar.text_input("Tracking URI", resolve_tracking_uri(None))
-try:
-    runs = recent_runs(uri, limit=200)
-except WorkbenchError as exc:
-    st.error(str(exc))
-    st.stop()
-if not runs:
-    st.info("No runs in this store yet. Start one with `workbench run configs/grokking.yaml`.")
-    st.stop()
-
-st.header("Runs")
-st.dataframe(pd.DataFrame(runs), hide_index=True)
-
-run_id = st.selectbox(
-    "Run",
-    [r["run_id"] for r in runs],
-    format_func=lambda i: next(f"{r['name']} ({i[:8]}, {r['status']})" for r in runs if r["run_id"] == i),
-)
-histories = metric_histories(run_id, uri)
+PAGES = {"runs": "Runs", "compare": "Compare", "geometry": "Geometry", "policies": "Policies", "live": "Live control"}
+LIVE_SECONDS = 2  # live runs' data is re-read this often; finished runs' data is cached until they change
+POLICY_DIR = Path("configs") / "policies"  # beside the configs, in the directory the app runs in (as the CLI)
+POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
-def long_frame(keys: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"metric": key, "step": s, "value": v} for key in keys for s, v in zip(*histories[key], strict=True)]
+# --- data, cached: a finished run's histories never change, a live run's are re-read every LIVE_SECONDS -----
+
+
+def freshness(row: dict) -> str:
+    """A cache key part: the status for a finished run, the current LIVE_SECONDS window for a live one."""
+    return row["status"] if row["status"] != "RUNNING" else f"live-{int(time.time() // LIVE_SECONDS)}"
+
+
+@st.cache_data(ttl=LIVE_SECONDS, show_spinner=False)
+def cached_run_table(uri: str) -> list[dict]:
+    return run_table(uri)
+
+
+@st.cache_data(max_entries=2000, show_spinner=False)
+def cached_histories(uri: str, row: dict, prefix: str, fresh: str) -> dict[str, tuple[list, list]]:
+    return metric_histories(row["run_id"], uri, prefix, keys=row["metric_keys"])
+
+
+@st.cache_data(max_entries=200, show_spinner=False)
+def cached_geometry(uri: str, runs: tuple[tuple[str, str], ...], feature: str) -> dict[str, dict]:
+    """Histories of one feature for many runs, read at once; `runs` = (run id, freshness) pairs."""
+    return bulk_metric_histories([run_id for run_id, _ in runs], f"geom/{feature}/", uri)
+
+
+@st.cache_data(max_entries=2000, show_spinner=False)
+def cached_landmarks(uri: str, run_id: str, fresh: str) -> list[tuple[int, str]]:
+    return run_landmarks(run_id, uri)
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def cached_snapshots(uri: str, run_id: str, fresh: str) -> Snapshots:  # arrays shared, not copied per rerun
+    return load_snapshots(run_id, uri)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def run_label(row: dict) -> str:
+    """'chain › stage name (id, STATUS)': a nested stage under its chain run."""
+    chain = f"{row['chain']} › " if row["chain"] else ""
+    return f"{chain}{row['name'] or row['run_id'][:8]} ({row['run_id'][:8]}, {row['status']})"
+
+
+def chain_order(rows: list[dict]) -> list[dict]:
+    """Runs newest first, each chain's stages right after the chain run, in stage order."""
+    children: dict[str, list[dict]] = {}
+    for row in rows:
+        children.setdefault(row["parent_run_id"], []).append(row)
+    ordered: list[dict] = []
+    for row in children.get("", []):
+        ordered.append(row)
+        ordered += sorted(children.get(row["run_id"], []), key=lambda r: r["name"])
+    known = {r["run_id"] for r in ordered}
+    return ordered + [r for r in rows if r["run_id"] not in known]  # stages whose chain run is not listed
+
+
+def pick_runs(uri: str, rows: list[dict], label: str, default: list[str], key: str) -> list[str]:
+    """A run multiselect; runs named in `?runs=` are preselected, and an id the store lacks is reported."""
+    by_id = {r["run_id"]: r for r in rows}
+    asked = [i for i in st.query_params.get("runs", "").split(",") if i]
+    for run_id in asked:
+        if run_id not in by_id:
+            try:
+                metric_keys(run_id, uri)  # says why: not found, or deleted
+            except WorkbenchError as exc:
+                st.error(str(exc))
+    chosen = [i for i in asked if i in by_id] or default
+    ids = [r["run_id"] for r in chain_order(rows)]
+    return st.multiselect(label, ids, default=chosen, format_func=lambda i: run_label(by_id[i]), key=key)
+
+
+def markers(marks: list[tuple[int, str]], axis: int = 1) -> tuple[list[dict], list[dict]]:
+    """(shapes, annotations): a dotted vertical line and a label at each step on subplot `axis`. Set all at once
+    with `update_layout`: `add_vline` costs ~30 ms a line, which 20 heatmaps' markers would turn into seconds."""
+    x, y = ("x", "y") if axis == 1 else (f"x{axis}", f"y{axis}")
+    line = {"type": "line", "xref": x, "yref": f"{y} domain", "y0": 0, "y1": 1, "line": {"dash": "dot"}}
+    label = {"xref": x, "yref": f"{y} domain", "y": 1, "showarrow": False, "textangle": -90, "yanchor": "top"}
+    shapes = [{**line, "x0": step, "x1": step} for step, _ in marks]
+    return shapes, [{**label, "x": step, "text": text, "font": {"size": 10}} for step, text in marks]
+
+
+def add_markers(figure: go.Figure, marks: list[tuple[int, str]]) -> None:
+    shapes, annotations = markers(marks)
+    figure.update_layout(shapes=shapes, annotations=annotations)
+
+
+def long_frame(histories: dict[str, tuple[list, list]], **columns: str) -> pd.DataFrame:
+    parts = [pd.DataFrame({"metric": key, "step": s, "value": v}) for key, (s, v) in histories.items()]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["metric", "step", "value"])
+    return frame.assign(**columns)
+
+
+# --- pages ------------------------------------------------------------------------------------------------
+
+
+def page_runs(uri: str, rows: list[dict]) -> None:
+    st.header("Runs")
+    live = any(r["status"] == "RUNNING" for r in rows)
+
+    @st.fragment(run_every=LIVE_SECONDS if live else None)
+    def table() -> None:
+        try:
+            current = cached_run_table(uri)
+        except WorkbenchError as exc:  # a fragment reruns alone, outside main's handler
+            st.error(str(exc))
+            return
+        frame = pd.DataFrame(chain_order(current))
+        columns = st.columns(4)
+        filters = {
+            field: columns[i].multiselect(field.capitalize(), sorted(frame[field].unique()), key=f"filter-{field}")
+            for i, field in enumerate(("experiment", "stage", "status"))
+        }
+        text = columns[3].text_input("Name or id contains", key="filter-text")
+        for field, chosen in filters.items():
+            if chosen:
+                frame = frame[frame[field].isin(chosen)]
+        if text:  # plain substring match, never a pattern or code
+            frame = frame[
+                frame["name"].str.contains(text, regex=False) | frame["run_id"].str.contains(text, regex=False)
+            ]
+        shown = ["name", "chain", "experiment", "stage", "status", "started", *KEY_METRICS, "events", "stop_reason"]
+        st.dataframe(frame[[*shown, "run_id"]], hide_index=True, key="runs-table")
+        st.caption(f"{len(frame)} of {len(current)} runs" + (f"; refreshing every {LIVE_SECONDS} s" if live else ""))
+
+    table()
+
+
+def page_compare(uri: str, rows: list[dict]) -> None:
+    st.header("Compare runs")
+    by_id = {r["run_id"]: r for r in rows}
+    chosen = pick_runs(uri, rows, "Runs", [rows[0]["run_id"]], "compare-runs")
+    if not chosen:
+        st.info("Pick one or more runs.")
+        return
+    keys = sorted({k for i in chosen for k in by_id[i]["metric_keys"] if not k.startswith("geom/")})
+    default = [k for k in ("eval/acc", "train/acc") if k in keys] or keys[:1]
+    metrics = st.multiselect("Metrics", keys, default=default, key="compare-metrics")
+    if not metrics:
+        st.info("Pick one or more metrics (geometry series are on the Geometry page).")
+        return
+    frames = []
+    for run_id in chosen:
+        histories = {}
+        for metric in metrics:  # a prefix read: keep the exact key only
+            found = cached_histories(uri, by_id[run_id], metric, freshness(by_id[run_id]))
+            histories |= {k: v for k, v in found.items() if k == metric}
+        frames.append(long_frame(histories, run=run_label(by_id[run_id])))
+    frame = pd.concat(frames, ignore_index=True)
+    figure = px.line(frame, x="step", y="value", color="run", facet_row="metric", markers=len(frame) < 200)
+    figure.update_yaxes(matches=None, title_text="")
+    figure.for_each_annotation(lambda a: a.update(text=a.text.removeprefix("metric=")))
+    figure.update_layout(height=max(320, 260 * len(metrics)), legend={"orientation": "h", "y": -0.15})
+    st.plotly_chart(figure, key="compare-chart")
+
+
+def layer_grid(histories: dict[str, tuple[list, list]]) -> tuple[np.ndarray, list[int], list[str]]:
+    """One run's `geom/<feature>/<layer>` histories as a [layer, step] array (NaN where a value is missing)."""
+    steps = sorted({s for s, _ in histories.values() for s in s})
+    column = {step: i for i, step in enumerate(steps)}
+    keys = sorted(histories)
+    z = np.full((len(keys), len(steps)), np.nan)
+    for i, key in enumerate(keys):
+        s, v = histories[key]
+        z[i, [column[x] for x in s]] = v
+    return z, steps, [key.rsplit("/", 1)[1] for key in keys]
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def heatmaps(uri: str, key: tuple[tuple[str, str], ...], feature: str, _runs: list[tuple[dict, dict]]) -> go.Figure:
+    """Layer x step heatmaps of one feature, a subplot per run on one colour scale, with each run's landmarks.
+
+    One figure, not one per run: the browser draws 20 subplots in far less time than 20 charts. The figure is
+    cached under `key` ((run id, freshness) pairs): building it costs more than reading the data."""
+    runs = _runs  # not hashed: `key` names them
+    columns = 2 if len(runs) > 1 else 1
+    rows = -(-len(runs) // columns)
+    grids = [layer_grid(histories) for _, histories in runs]
+    titles = [
+        f"{run_label(row)}: {len(y)} layers × {len(x)} snapshots"
+        for (row, _), (_, x, y) in zip(runs, grids, strict=True)
+    ]
+    figure = make_subplots(rows, columns, subplot_titles=titles, vertical_spacing=0.3 / rows, horizontal_spacing=0.05)
+    shapes, annotations = [], list(figure.layout.annotations)  # the subplot titles
+    for n, ((row, _), (z, x, y)) in enumerate(zip(runs, grids, strict=True)):
+        figure.add_trace(
+            go.Heatmap(z=z, x=x, y=y, coloraxis="coloraxis", name=row["run_id"]), n // columns + 1, n % columns + 1
+        )
+        more_shapes, more_annotations = markers(cached_landmarks(uri, row["run_id"], freshness(row)), axis=n + 1)
+        shapes += more_shapes
+        annotations += more_annotations
+    layers = max(len(y) for _, _, y in grids)
+    figure.update_layout(
+        shapes=shapes,
+        annotations=annotations,
+        coloraxis={"colorscale": "Viridis", "colorbar": {"title": feature}},
+        height=rows * (90 + 24 * layers),
+        margin={"t": 40, "b": 30},
+    )
+    return figure
+
+
+def page_geometry(uri: str, rows: list[dict]) -> None:
+    st.header("Geometry")
+    by_id = {r["run_id"]: r for r in rows}
+    chosen = pick_runs(uri, rows, "Runs", [rows[0]["run_id"]], "geometry-runs")
+    features = sorted({f for i in chosen for f in geometry_features(by_id[i]["metric_keys"])})
+    if not chosen:
+        st.info("Pick one or more runs.")
+        return
+    if not features:
+        st.info("No geometry logged yet for these runs: `geom/` metrics appear at the first snapshot.")
+        return
+    feature = st.selectbox("Feature", features, index=features.index("lid_twonn") if "lid_twonn" in features else 0)
+    key = tuple((i, freshness(by_id[i])) for i in chosen)
+    geometry = cached_geometry(uri, key, feature)
+    for run_id in (i for i in chosen if not geometry[i]):
+        st.info(f"{run_label(by_id[run_id])}: no {feature} logged yet.")
+    drawn = [(by_id[i], geometry[i]) for i in chosen if geometry[i]]
+    if drawn:
+        st.plotly_chart(heatmaps(uri, key, feature, drawn), key="heatmaps")
+
+    focus = st.selectbox("Per-layer lines and snapshots of", chosen, format_func=lambda i: run_label(by_id[i]))
+    row = by_id[focus]
+    histories = geometry[focus]
+    if histories:
+        frame = long_frame(histories).assign(layer=lambda f: f["metric"].str.rsplit("/", n=1).str[-1])
+        figure = px.line(frame, x="step", y="value", color="layer", title=f"{feature} per layer: {run_label(row)}")
+        add_markers(figure, cached_landmarks(uri, focus, freshness(row)))
+        st.plotly_chart(figure, key="layer-lines")
+    if st.toggle("Explore this run's snapshots (downloads them)", key="explore"):
+        snapshot_explorer(uri, row)
+
+
+def snapshot_explorer(uri: str, row: dict) -> None:
+    """2-D PCA projection of one snapshot's points at one layer, coloured by the probe's answer or position."""
+    try:
+        snapshots = cached_snapshots(uri, row["run_id"], freshness(row))
+    except WorkbenchError as exc:
+        st.info(f"No snapshots to explore: {exc}")
+        return
+    if not snapshots.steps:
+        st.info("This run has written no snapshot yet.")
+        return
+    index = snapshots.index
+    left, middle, right = st.columns(3)
+    step = left.select_slider("Step", snapshots.steps, value=snapshots.steps[-1], key="snapshot-step")
+    layer = middle.selectbox("Layer", list(snapshots.layers), index=len(snapshots.layers) - 1, key="snapshot-layer")
+    points = snapshots.layers[layer][snapshots.steps.index(step)].astype(np.float64)
+    centred = points - points.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    probe, position = zip(*index["points"], strict=True)
+    colours = {"position": [str(p) for p in position]}
+    if index.get("probe_labels"):
+        label_of = dict(zip(index["probe_ids"], index["probe_labels"], strict=True))
+        colours = {"answer": [str(label_of[p]) for p in probe], **colours}
+    colour = right.selectbox("Colour by", list(colours), key="snapshot-colour")
+    frame = pd.DataFrame({"PC 1": xy[:, 0], "PC 2": xy[:, 1], colour: colours[colour], "probe": probe})
+    figure = px.scatter(frame, x="PC 1", y="PC 2", color=colour, hover_data=["probe"], opacity=0.7)
+    figure.update_layout(title=f"{layer} at step {step}: {len(points)} points ({index['pooling']} pooling)")
+    st.plotly_chart(figure, key="snapshot-scatter")
+
+
+def page_policies(uri: str, rows: list[dict]) -> None:
+    st.header("Policies")
+    by_id = {r["run_id"]: r for r in rows}
+    files = sorted(p.name for p in POLICY_DIR.glob("*.yaml"))
+    start = st.selectbox("Start from", ["(empty)", *files], index=1 if files else 0, key="policy-start")
+    initial = "" if start == "(empty)" else (POLICY_DIR / start).read_text()
+    text = st.text_area("Policy (YAML, docs/policies.md)", initial, height=260, key=f"policy-text-{start}")
+    try:
+        rules = parse_policy(text, source="policy")
+    except WorkbenchError as exc:
+        st.error(str(exc))
+        rules = None
+    else:
+        st.success(f"valid: {len(rules)} rule(s): " + ", ".join(f"{r.name} → {'/'.join(r.actions)}" for r in rules))
+
+    st.subheader("Backtest")
+    finished = [r["run_id"] for r in rows if r["status"] != "RUNNING"][:5]
+    chosen = pick_runs(uri, rows, "On runs", finished, "policy-runs")
+    if rules and chosen:
+        for key, problem in unlogged_metrics(rules, chosen, uri):
+            line = next((n for n, t in enumerate(text.splitlines(), 1) if key in t), None)
+            st.warning(f"policy: line {line}: {problem}" if line else f"policy: {problem}")
+    if st.button("Backtest", disabled=not (rules and chosen), key="backtest"):
+        st.session_state.backtested = (text, chosen, [backtest_run(rules, i, uri, source="policy") for i in chosen])
+    done = st.session_state.get("backtested")
+    if done and done[:2] == (text, chosen):  # results of this policy on these runs, not of an earlier edit
+        show_backtest(uri, done[2], by_id)
+
+    st.subheader("Save and attach")
+    left, right = st.columns(2)
+    name = left.text_input("Save as (name)", key="policy-name")
+    if left.button("Save", disabled=rules is None or not name, key="policy-save"):
+        path = POLICY_DIR / f"{name}.yaml"
+        if not POLICY_NAME.fullmatch(name):
+            st.error(f"name {name!r}: letters, digits, '-' and '_' only (it becomes {POLICY_DIR}/NAME.yaml)")
+        elif path.exists():
+            st.error(f"{path} exists: choose another name")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            st.success(f"saved {path}")
+    configs = sorted(p.name for p in POLICY_DIR.parent.glob("*.yaml"))
+    config = right.selectbox("Attach to a config", configs, key="policy-config")
+    file = f"{name or 'NAME'}.yaml"
+    right.code(
+        f"workbench run configs/{config} --policy configs/policies/{file}\n# or in a config: policies: policies/{file}"
     )
 
 
-landmarks = {key.removeprefix("grokking/"): histories[key][1][-1] for key in histories if key.startswith("grokking/")}
-accuracy = [k for k in ("train/acc", "eval/acc") if k in histories]
-if accuracy:
-    figure = px.line(long_frame(accuracy), x="step", y="value", color="metric", title="Accuracy")
-    for name, step in landmarks.items():
-        figure.add_vline(x=step, line_dash="dot", annotation_text=name.removesuffix("_step"))
-    st.plotly_chart(figure)
+def show_backtest(uri: str, results: list, by_id: dict[str, dict]) -> None:
+    table = []
+    for r in results:
+        for m in r.monitored or [None]:
+            table.append(
+                {
+                    "run": run_label(by_id[r.run_id]) if r.run_id in by_id else r.run_id,
+                    "would stop at": "never" if r.stop_step is None else str(r.stop_step),
+                    "compute saved": f"{r.saved:.0%} of {r.budget}",
+                    "metric": m.metric if m else "",
+                    "at stop": m.at_stop if m else None,
+                    "best": f"{m.best[1]:.4g} @{m.best[0]}" if m and m.best else "",
+                    "final": f"{m.final[1]:.4g} @{m.final[0]}" if m else "",
+                    "reason": r.reason or "",
+                }
+            )
+    st.dataframe(pd.DataFrame(table), hide_index=True, key="backtest-table")
+    for r in results:
+        if not r.monitored:
+            continue
+        m = r.monitored[0]
+        row = by_id.get(r.run_id)
+        history = metric_histories(r.run_id, uri, m.metric)[m.metric]
+        figure = px.line(x=history[0], y=history[1], labels={"x": "step", "y": m.metric})
+        if r.stop_step is not None:
+            figure.add_vline(x=r.stop_step, line_color="red", annotation_text=f"stop: {r.saved:.0%} saved")
+        figure.update_layout(title=f"{run_label(row) if row else r.run_id}: {m.metric}", height=260)
+        st.plotly_chart(figure, key=f"backtest-{r.run_id}")
+    with st.expander("Everything the policy fired"):
+        for r in results:
+            st.markdown(f"**{r.run_id[:8]}** ({r.logged_steps} logged steps): {r.reason or 'no stop'}")
+            if r.firings:
+                st.dataframe(pd.DataFrame([vars(f) for f in r.firings]), hide_index=True)
+            else:
+                st.caption("nothing fired")
 
-features = sorted({key.split("/")[1] for key in histories if key.startswith("geom/")})
-if features:
-    feature = st.selectbox("Geometry feature", features)
-    keys = [k for k in histories if k.startswith(f"geom/{feature}/")]
-    frame = long_frame(keys).assign(layer=lambda f: f["metric"].str.rsplit("/", n=1).str[-1])
-    figure = px.line(frame, x="step", y="value", color="layer", title=f"{feature} per layer")
-    for name, step in landmarks.items():
-        figure.add_vline(x=step, line_dash="dot", annotation_text=name.removesuffix("_step"))
-    st.plotly_chart(figure)
+
+def page_live(uri: str, rows: list[dict]) -> None:
+    st.header("Live control")
+    by_id = {r["run_id"]: r for r in rows}
+    asked = st.query_params.get("run")
+    if asked and asked not in by_id:
+        metric_keys(asked, uri)  # raises the reason: not found, or deleted
+    running = [r["run_id"] for r in rows if r["status"] == "RUNNING"]
+    ids = [asked] if asked else []
+    ids += [i for i in running + [r["run_id"] for r in rows] if i not in ids]
+    run_id = st.selectbox("Run", ids, format_func=lambda i: run_label(by_id[i]), key="live-run")
+
+    @st.fragment(run_every=LIVE_SECONDS)
+    def panel() -> None:
+        try:
+            show_run_state(uri, run_id)
+        except WorkbenchError as exc:  # a fragment reruns alone, outside main's handler
+            st.error(str(exc))
+
+    panel()
+
+
+def show_run_state(uri: str, run_id: str) -> None:
+    """Status, the Stop and Checkpoint buttons while RUNNING, why it stopped, its checkpoints, its accuracy."""
+    state = run_state(run_id, uri)
+    status = state["status"]
+    left, right = st.columns([1, 3])
+    left.metric("Status", status)
+    if status == "RUNNING":
+        if state["stop_requested"]:
+            left.info(f"Stop {state['stop_requested']}: the run ends at its next logged step.")
+        elif left.button("Stop run", type="primary", key="stop"):
+            request_stop(run_id, uri)
+            left.info("Stop requested: the run checkpoints and ends at its next logged step.")
+        if left.button("Checkpoint now", key="checkpoint"):
+            request_checkpoint(run_id, uri)
+            left.info("Checkpoint requested: saved at the run's next logged step.")
+    elif state["stop_reason"]:
+        at = f" at step {state['stopped_at_step']}" if state["stopped_at_step"] else ""
+        left.warning(f"Stopped{at}: {state['stop_reason']} (ended {status})")
+    elif state["error"]:
+        left.error(state["error"])
+    if state["checkpoints"]:
+        left.caption("checkpoints at steps " + ", ".join(map(str, state["checkpoints"])))
+    histories = metric_histories(run_id, uri, "train/acc") | metric_histories(run_id, uri, "eval/acc")
+    if histories:
+        figure = px.line(long_frame(histories), x="step", y="value", color="metric", title="accuracy")
+        if state["stopped_at_step"]:
+            figure.add_vline(x=int(state["stopped_at_step"]), line_color="red", annotation_text="stop")
+        right.plotly_chart(figure, key="live-chart")
+    else:
+        right.info("No metrics logged yet (they are sent every few seconds).")
+
+
+PAGE_FUNCTIONS = {
+    "runs": page_runs,
+    "compare": page_compare,
+    "geometry": page_geometry,
+    "policies": page_policies,
+    "live": page_live,
+}
+
+
+def main() -> None:
+    st.set_page_config(page_title="Training-dynamics workbench", layout="wide")
+    uri = st.sidebar.text_input("Tracking URI", resolve_tracking_uri(None), key="uri")
+    asked = st.query_params.get("page", "runs")
+    page = st.sidebar.radio(
+        "Page", list(PAGES), index=list(PAGES).index(asked) if asked in PAGES else 0, format_func=PAGES.get
+    )
+    st.query_params["page"] = page
+    try:
+        rows = cached_run_table(uri)
+        if not rows:
+            st.info("No runs in this store yet. Start one with `workbench run configs/grokking.yaml`.")
+            return
+        PAGE_FUNCTIONS[page](uri, rows)
+    except WorkbenchError as exc:
+        st.error(str(exc))
+
+
+main()

@@ -1,19 +1,219 @@
+"""Each page of the app through Streamlit's AppTest, on one store of runs made here, and its bad inputs."""
+
+import base64
+import json
+import os
+import socket
 from pathlib import Path
 
+import numpy as np
+import pytest
+from conftest import DEFAULT_CONFIG, TINY_GROKKING
+from mlflow import MlflowClient
 from streamlit.testing.v1 import AppTest
 
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.policies import parse_policy
+from workbench.runs import bulk_metric_histories, metric_histories
+from workbench.snapshots import load_snapshots
+from workbench.tracking import Tracker
+
 ROOT = Path(__file__).resolve().parents[1]
+STOPS_AT_FIRST_EVAL = "- name: done\n  when: {metric: eval/acc, mode: max, stopping_threshold: 0}\n  actions: [stop]\n"
 
 
-def test_app_lists_runs_and_plots_accuracy_and_geometry(tracking_uri, run_grokking, monkeypatch):
-    run_grokking()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Runs of every kind the pages show: with geometry, without, live, stopped by the user, deleted."""
+    directory = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(directory)  # artifacts land beside the store
+    try:
+        ids = {}
+        for name, extra in (("geometry", []), ("plain", ["snapshot.enabled=false"])):
+            assert main(["run", DEFAULT_CONFIG, *TINY_GROKKING, *extra, f"tracking.run_name={name}"]) == 0
+        client = MlflowClient(uri)
+        for run in client.search_runs([client.get_experiment_by_name("grokking").experiment_id]):
+            ids[run.info.run_name] = run.info.run_id
+        live = Tracker.start(uri, "grokking", "live", {"workbench.stage": "grokking"})
+        live.log_metrics({"eval/acc": 0.1, "train/acc": 0.2}, 0)
+        live.flush()
+        ids["live"] = live.run_id  # left RUNNING
+        with Tracker.start(uri, "grokking", "stopped") as stopped:
+            stopped.log_metrics({"eval/acc": 0.5}, 40)
+            stopped.set_tags({"workbench.stop_reason": "stop requested", "workbench.stopped_at_step": "40"})
+            stopped.stopped_by_user = True
+        ids["stopped"] = stopped.run_id
+        with Tracker.start(uri, "grokking", "deleted") as deleted:
+            deleted.log_metrics({"eval/acc": 0.5}, 0)
+        client.delete_run(deleted.run_id)
+        ids["deleted"] = deleted.run_id
+    finally:
+        os.chdir(cwd)
+    return directory, uri, ids
+
+
+def open_page(store, monkeypatch, page: str, **params: str) -> AppTest:
+    directory, uri, _ = store
+    monkeypatch.chdir(directory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    app.query_params.update(page=page, **params)
+    app.run()
     assert not app.exception
-    assert len(app.dataframe) == 1 and len(app.dataframe[0].value) == 1
-    charts = app.get("plotly_chart")
-    assert len(charts) == 2  # accuracy, and the chosen geometry feature per layer
-    assert "eff_rank" in app.selectbox[1].options
+    return app
+
+
+def figures(app: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in app.get("plotly_chart")]
+
+
+def values(array) -> list:
+    """A plotly JSON array: a list, or numpy data plotly encoded as {dtype, bdata}."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return array
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def test_runs_page_lists_every_live_run_and_filters_by_status(store, monkeypatch):
+    app = open_page(store, monkeypatch, "runs")
+    assert len(app.dataframe[0].value) == 4  # the deleted run is not listed
+    assert "4 of 4 runs; refreshing every 2 s" in texts(app.caption)  # a live run: the table refreshes
+    app.multiselect(key="filter-status").set_value(["KILLED"]).run()
+    table = app.dataframe[0].value
+    assert list(table["name"]) == ["stopped"] and list(table["stop_reason"]) == ["stop requested"]
+
+
+def test_runs_page_name_filter_is_plain_text_not_a_pattern(store, monkeypatch):
+    app = open_page(store, monkeypatch, "runs")
+    app.text_input(key="filter-text").set_value(".*").run()
+    assert not app.exception and len(app.dataframe[0].value) == 0
+
+
+def test_compare_overlays_the_chosen_metric_of_each_run_by_step(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "compare", runs=f"{ids['geometry']},{ids['stopped']}")
+    app.multiselect(key="compare-metrics").set_value(["eval/acc"]).run()
+    [figure] = figures(app)
+    assert len(figure["data"]) == 2 and all(trace["xaxis"] == "x" for trace in figure["data"])
+    steps = {trace["name"].split(" (")[0]: values(trace["x"]) for trace in figure["data"]}
+    assert steps["geometry"] == [0, 5, 10, 15, 20] and steps["stopped"] == [40]
+
+
+def test_geometry_heatmap_has_a_row_per_layer_and_a_column_per_snapshot(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "geometry", runs=ids["geometry"])
+    heatmap, lines = figures(app)
+    assert heatmap["data"][0]["type"] == "heatmap"
+    assert heatmap["data"][0]["y"] == ["layer_00", "layer_01"] and heatmap["data"][0]["x"] == [0, 10, 20]
+    assert heatmap["data"][0]["z"]["shape"].replace(" ", "") == "2,3"  # layers x snapshots, as numpy sent it
+    assert "2 layers × 3 snapshots" in heatmap["layout"]["annotations"][0]["text"]  # the run's subplot title
+    assert {trace["name"] for trace in lines["data"]} == {"layer_00", "layer_01"}
+    assert "eff_rank" in app.selectbox[0].options
+
+
+def test_snapshot_explorer_projects_every_point_of_the_chosen_step(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "geometry", runs=ids["geometry"])
+    app.toggle(key="explore").set_value(True).run()
+    app.select_slider(key="snapshot-step").set_value(10).run()
+    scatter = figures(app)[-1]
+    assert "at step 10" in scatter["layout"]["title"]["text"]
+    points = len(load_snapshots(ids["geometry"], store[1]).index["points"])  # every token of every probe
+    answers = {trace["name"] for trace in scatter["data"]}
+    assert len(answers) > 1 and sum(len(values(trace["x"])) for trace in scatter["data"]) == points
+
+
+def test_bulk_histories_equal_the_per_key_mlflow_calls(store):
+    _, uri, ids = store
+    runs = [ids["geometry"], ids["plain"], ids["stopped"]]
+    for prefix in ("geom/lid_twonn/", "eval/", "geom/eff_rank/layer_01"):
+        bulk = bulk_metric_histories(runs, prefix, uri)
+        assert bulk == {run_id: metric_histories(run_id, uri, prefix) for run_id in runs}
+    assert len(bulk[ids["geometry"]]["geom/eff_rank/layer_01"][0]) == 3 and bulk[ids["plain"]] == {}
+
+
+def test_geometry_page_on_a_run_without_geometry_says_so(store, monkeypatch):
+    app = open_page(store, monkeypatch, "geometry", runs=store[2]["plain"])
+    assert any("No geometry logged yet" in t for t in texts(app.info)) and not figures(app)
+
+
+def test_policy_editor_names_the_line_and_field_of_an_error(store, monkeypatch):
+    app = open_page(store, monkeypatch, "policies", runs=store[2]["geometry"])
+    app.text_area[0].set_value(
+        "- name: p\n  when:\n    metric: eval/acc\n    mode: max\n    patiense: 3\n  actions: [stop]\n"
+    ).run()
+    assert texts(app.error) == ["policy: line 5: rule 'p' (#1): when.patiense: unknown key"]
+    app.text_area[0].set_value("- name: p\n  when: {metric: eval/acc, above: 1\n").run()
+    assert texts(app.error)[0].startswith("policy: line 3: invalid YAML")
+    app.text_area[0].set_value("- name: p\n  when: {metric: eval/acuracy, above: 1}\n  actions: [alert]\n").run()
+    assert not app.error
+    assert texts(app.warning) == [
+        "policy: line 2: metric 'eval/acuracy' is logged by none of these runs (did you mean eval/acc?)"
+    ]
+
+
+def test_backtest_shows_where_each_run_would_have_stopped(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "policies", runs=f"{ids['geometry']},{ids['plain']}")
+    app.text_area[0].set_value(STOPS_AT_FIRST_EVAL).run()
+    app.button(key="backtest").click().run()
+    table = app.dataframe[0].value
+    assert list(table["would stop at"]) == ["0", "0"] and list(table["compute saved"]) == ["100% of 20"] * 2
+    stops = [shape["x0"] for figure in figures(app) for shape in figure["layout"].get("shapes", [])]
+    assert stops == [0, 0]
+
+
+def test_a_policy_is_saved_under_configs_policies_and_a_bad_name_refused(store, monkeypatch):
+    app = open_page(store, monkeypatch, "policies")
+    app.text_area[0].set_value(STOPS_AT_FIRST_EVAL).run()
+    app.text_input(key="policy-name").set_value("../escape").run()
+    app.button(key="policy-save").click().run()
+    assert "letters, digits" in texts(app.error)[0] and not (store[0] / "configs" / "escape.yaml").exists()
+    app.text_input(key="policy-name").set_value("first-eval").run()
+    app.button(key="policy-save").click().run()
+    saved = store[0] / "configs" / "policies" / "first-eval.yaml"
+    assert saved.read_text() == STOPS_AT_FIRST_EVAL and parse_policy(saved.read_text())[0].name == "done"
+
+
+def test_live_page_stops_a_running_run_and_shows_why_a_run_stopped(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "live", run=ids["stopped"])
+    assert texts(app.warning) == ["Stopped at step 40: stop requested (ended KILLED)"]
+    app = open_page(store, monkeypatch, "live", run=ids["live"])
+    app.button(key="checkpoint").click().run()
+    app.button(key="stop").click().run()
+    assert not app.exception
+    tags = MlflowClient(store[1]).get_run(ids["live"]).data.tags
+    assert tags["workbench.stop_requested"].startswith("requested ")
+    assert tags["workbench.checkpoint_requested"].startswith("requested ")
+
+
+@pytest.mark.parametrize("page", ["compare", "geometry", "policies"])
+def test_a_deleted_run_is_a_message_not_a_stack_trace(store, monkeypatch, page):
+    app = open_page(store, monkeypatch, page, runs=store[2]["deleted"])
+    assert any("was deleted" in t for t in texts(app.error))
+
+
+def test_live_page_on_a_deleted_run_says_so(store, monkeypatch):
+    app = open_page(store, monkeypatch, "live", run=store[2]["deleted"])
+    assert any("was deleted" in t for t in texts(app.error))
+
+
+def test_an_unreachable_tracking_server_is_a_message(monkeypatch, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not app.exception and "cannot reach MLflow server" in app.error[0].value
 
 
 def test_app_on_an_empty_store_says_how_to_start(tracking_uri, monkeypatch):
@@ -21,3 +221,19 @@ def test_app_on_an_empty_store_says_how_to_start(tracking_uri, monkeypatch):
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=30).run()
     assert not app.exception
     assert "workbench run configs/grokking.yaml" in app.info[0].value
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- name: a\n  when: {metric: m, mode: max, patience: -1}\n  actions: [stop]\n", "line 2: rule 'a' (#1)"),
+        ("- name: a\n  when: {metric: m, above: 1}\n  actions: [pause]\n", "line 3: rule 'a' (#1): actions"),
+        ("- name: a\n  when: {metric: m, above: 1}\n  actions: [stop]\n- 3\n", "line 4: rule #2: expected a mapping"),
+        ("- name: a\n  when: {event: nope}\n  actions: [hold]\n", "line 2: rule 'a' (#1): when.event: unknown event"),
+        ("- name: a\n  when: {metric: m, above: 1}\n  actions: [stop]\n- name: a\n", "line 4: rule 'a' (#2)"),
+        ("- name: [a\n", "line 2: invalid YAML"),
+    ],
+)
+def test_policy_text_errors_name_the_line(text, message):
+    with pytest.raises(WorkbenchError, match=rf"^policy: {message}".replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(text)

@@ -211,10 +211,23 @@ def test_a_stop_request_is_polled_at_most_every_poll_interval():
     slow = engine(tracker=tracker, stop_poll_seconds=3600)
     slow.observe(0, {"m": 1.0})
     tracker.tags["workbench.stop_requested"] = "now"
-    assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 1  # the next poll is an hour away
+    # One poll reads the stop and the checkpoint tag; the next poll is an hour away.
+    assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 2
     decision = engine(tracker=tracker, stop_poll_seconds=0).observe(1, {"m": 1.0})
     assert decision.stop and decision.checkpoint and decision.reason == "stop requested"
     assert tracker.tags["workbench.stopped_at_step"] == "1"
+
+
+def test_a_checkpoint_request_checkpoints_once_at_the_next_poll():
+    tracker = FakeTracker()
+    policy = engine(tracker=tracker, stop_poll_seconds=0)
+    assert not policy.observe(0, {"m": 1.0}).checkpoint
+    tracker.tags["workbench.checkpoint_requested"] = "requested 12:00:00.000"
+    first, again = policy.observe(1, {"m": 1.0}), policy.observe(2, {"m": 1.0})
+    assert first.checkpoint and not first.stop and not again.checkpoint  # one request, one checkpoint
+    tracker.tags["workbench.checkpoint_requested"] = "requested 12:00:05.000"
+    assert policy.observe(3, {"m": 1.0}).checkpoint
+    assert [(f.step, f.kind) for f in policy.firings] == [(1, "checkpoint"), (3, "checkpoint")]
 
 
 def test_a_stop_request_is_not_held():
@@ -382,11 +395,11 @@ def test_workbench_stop_ends_a_live_run_at_its_next_step_boundary(tracking_uri, 
     monkeypatch.setattr(grokking, "_evaluate", stop_from_another_terminal_at_step_5)
     run = run_grokking("snapshot.enabled=false")
     run_id = run.info.run_id
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "KILLED"  # stopped by the user: MLflow's KILLED; a policy's stop ends FINISHED
     assert run.data.tags["workbench.stop_reason"] == "stop requested"
     assert run.data.tags["workbench.stopped_at_step"] == "5"
     assert [m.step for m in client.get_metric_history(run_id, "eval/acc")] == [0, 5]
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/step_00000005"]
     assert "stopped at step 5 of 20: stop requested" in capsys.readouterr().out
     assert main(["stop", run_id, "--tracking-uri", tracking_uri]) == 2
-    assert "is FINISHED, not RUNNING" in capsys.readouterr().err
+    assert "is KILLED, not RUNNING" in capsys.readouterr().err

@@ -9,10 +9,12 @@ the engine itself logs (`event/...`) are left out, as the live engine never saw 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.policies import (
@@ -190,7 +192,11 @@ class RunEvent:
 def run_events(run_id: str, tracking_uri: str | None = None) -> list[RunEvent]:
     """The run's `event/*` metrics and its alert/stop tags, in step order."""
     client, run, _ = open_run(run_id, tracking_uri)
-    tags = run.data.tags
+    return _events(client, run)
+
+
+def _events(client: Any, run: Any) -> list[RunEvent]:
+    run_id, tags = run.info.run_id, run.data.tags
     events = []
     for key in sorted(k for k in run.data.metrics if k.startswith("event/")):
         name = key.removeprefix("event/")
@@ -211,3 +217,35 @@ def _details(latest: dict) -> str:
     if "message" in latest:
         return str(latest["message"])
     return ", ".join(f"{k}={v}" for k, v in latest.items() if k != "step")
+
+
+def run_landmarks(run_id: str, tracking_uri: str | None = None) -> list[tuple[int, str]]:
+    """(step, label) of what happened in a run, for markers on its plots: memorisation and grokking (the
+    stage's `grokking/<name>_step` facts), forecasts, policy alerts and the stop."""
+    client, run, _ = open_run(run_id, tracking_uri)
+    marks = [
+        (int(value), key.removeprefix("grokking/").removesuffix("_step"))
+        for key, value in run.data.metrics.items()
+        if key.startswith("grokking/") and key.endswith("_step")
+    ]
+    for event in _events(client, run):
+        if event.step is not None:
+            marks.append((event.step, f"{event.kind} {event.name}".strip()))
+    return sorted(marks)
+
+
+def unlogged_metrics(
+    rules: Sequence[Rule], run_ids: Sequence[str], tracking_uri: str | None = None
+) -> list[tuple[str, str]]:
+    """(key, message) for each metric the rules watch that none of the runs logged; the message names the
+    closest logged key if there is one."""
+    logged: set[str] = set()
+    for run_id in run_ids:
+        logged |= set(open_run(run_id, tracking_uri)[1].data.metrics)
+    problems = []
+    for key in _watched_metrics(rules):
+        if key not in logged:
+            close = difflib.get_close_matches(key, sorted(logged), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append((key, f"metric '{key}' is logged by none of these runs{hint}"))
+    return problems

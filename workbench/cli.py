@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stop",
         help="ask a running run to checkpoint and stop at its next step boundary",
         description="Set the run's workbench.stop_requested tag; the run polls for it, checkpoints and ends "
-        "cleanly (FINISHED, workbench.stop_reason 'stop requested').",
+        "cleanly (KILLED, workbench.stop_reason 'stop requested').",
     )
     stop.add_argument("run_id", metavar="RUN_ID")
     _add_tracking_uri(stop)

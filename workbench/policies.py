@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from workbench.config import StageConfig, _describe, _Strict, read_yaml
@@ -37,11 +38,12 @@ if TYPE_CHECKING:
 
 ACTIONS = ("alert", "checkpoint", "stop", "hold")
 STOP_REQUEST_TAG = "workbench.stop_requested"  # set by `workbench stop` and the app, polled by the engine
+CHECKPOINT_REQUEST_TAG = "workbench.checkpoint_requested"  # set by the app's "Checkpoint now", polled likewise
 STOP_REASON_TAG = "workbench.stop_reason"
 STOPPED_AT_TAG = "workbench.stopped_at_step"
 ALERT_TAG_PREFIX = "workbench.alert."
 EVENT_TAG_PREFIX = "workbench.event."
-STOP_POLL_SECONDS = 2.0  # one get_run per poll: ~5 ms on sqlite, one request on a server
+STOP_POLL_SECONDS = 2.0  # two get_run per poll (stop, checkpoint): ~5 ms each on sqlite, a request on a server
 _TESTS = (
     "patience",
     "patience_steps",
@@ -147,11 +149,15 @@ class Rule(_Strict):
 
 
 def load_rules(
-    value: Sequence[Any] | str | Path, source: str | None = None, base_dir: Path | None = None
+    value: Sequence[Any] | str | Path,
+    source: str | None = None,
+    base_dir: Path | None = None,
+    node: yaml.Node | None = None,
 ) -> list[Rule]:
     """Validate a policy: a list of rule mappings, or a YAML file of one (relative paths from `base_dir`).
 
-    Errors are one-line `WorkbenchError`s naming the source (the file, or `source`), the rule and the field.
+    Errors are one-line `WorkbenchError`s naming the source (the file, or `source`), the rule and the field;
+    given the composed YAML `node` of `value` (`parse_policy`), also the line.
     """
     if isinstance(value, str | Path):
         path = Path(value)
@@ -167,16 +173,52 @@ def load_rules(
         if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
             label = f"rule {raw['name']!r} (#{index})"
         if not isinstance(raw, Mapping):
-            raise WorkbenchError(f"{prefix}{label}: expected a mapping with name, when, actions; got {raw!r}")
+            line = _line(node, [index - 1])
+            raise WorkbenchError(f"{prefix}{line}{label}: expected a mapping with name, when, actions; got {raw!r}")
         try:
             rule = Rule.model_validate(raw)
         except ValidationError as exc:
-            raise WorkbenchError(f"{prefix}{label}: {_describe(exc)}") from None
+            line = _line(node, [index - 1, *exc.errors()[0]["loc"]])
+            raise WorkbenchError(f"{prefix}{line}{label}: {_describe(exc)}") from None
         taken = [i for i, other in enumerate(rules, start=1) if other.name == rule.name]
         if taken:
-            raise WorkbenchError(f"{prefix}{label}: name: {rule.name!r} is already rule #{taken[0]}")
+            line = _line(node, [index - 1, "name"])
+            raise WorkbenchError(f"{prefix}{line}{label}: name: {rule.name!r} is already rule #{taken[0]}")
         rules.append(rule)
     return rules
+
+
+def parse_policy(text: str, source: str = "policy") -> list[Rule]:
+    """Validate a policy given as YAML text (the app's editor): rules and forecaster events, as a run would.
+
+    Errors name the line, the rule and the field: ``policy: line 4: rule 'p' (#1): when.patience: ...``.
+    """
+    try:
+        node = yaml.compose(text)
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise WorkbenchError(f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    rules = load_rules([] if value is None else value, source, node=node)
+    _check_events(rules, {f.name for f in default_forecasters()}, source, node)
+    return rules
+
+
+def _line(node: yaml.Node | None, path: Sequence[Any]) -> str:
+    """'line N: ' of the deepest node along `path` (list indices and mapping keys) in a composed YAML tree."""
+    found = node
+    for part in path:
+        if isinstance(found, yaml.SequenceNode) and isinstance(part, int) and part < len(found.value):
+            found = found.value[part]
+        elif isinstance(found, yaml.MappingNode):
+            child = next((v for k, v in found.value if k.value == part), None)
+            if child is None:
+                break
+            found = child
+        else:
+            break
+    return "" if found is None else f"line {found.start_mark.line + 1}: "
 
 
 def attach_policies(config: StageConfig, config_path: Path, policy_files: Sequence[Path] = ()) -> StageConfig:
@@ -386,9 +428,9 @@ def default_forecasters() -> list[Forecaster]:
     return [factory() for factory in getattr(forecast, "FORECASTERS", {}).values()]
 
 
-def _check_events(rules: Sequence[Rule], names: set[str], source: str) -> None:
+def _check_events(rules: Sequence[Rule], names: set[str], source: str, node: yaml.Node | None = None) -> None:
     for index, rule in enumerate(rules, start=1):
-        label = f"{source}: rule {rule.name!r} (#{index})"
+        label = f"{source}: {_line(node, [index - 1, 'when'])}rule {rule.name!r} (#{index})"
         unknown = sorted(_compile(rule.when).events() - names)
         if unknown:
             expected = ", ".join(sorted(names)) or "none: no forecaster is registered"
@@ -470,6 +512,7 @@ class PolicyEngine:
         self._last_step = 0
         self._last_poll: float | None = None
         self._poll_failed = False
+        self._checkpoint_request: str | None = None  # the last checkpoint request seen (its tag value)
 
     @classmethod
     def from_config(
@@ -508,10 +551,15 @@ class PolicyEngine:
         for i, state in enumerate(self.rules):
             if not state.disabled and fresh.get(i):
                 self._consider(state, step, decision)
-        if self._stop_requested():
+        stop, checkpoint = self._poll_requests(snapshot=any(k.startswith("geom/") for k in metrics))
+        if checkpoint and not stop:
+            decision.checkpoint = True
+            self._record(step, "checkpoint", "checkpoint request", "checkpoint requested", decision)
+        if stop:
             decision.stop = decision.checkpoint = True
             decision.reason = "stop requested"
             self._stop(step, "stop request", "stop requested", decision)
+            self.tracker.stopped_by_user = True  # the run ends KILLED: MLflow's word for stopped by the user
         return decision
 
     def finish(self) -> list[str]:
@@ -626,20 +674,27 @@ class PolicyEngine:
                 tag = json.dumps({"step": event.step, **event.details}, default=str)
                 self.tracker.set_tags({EVENT_TAG_PREFIX + metric_key(event.name): tag})
 
-    def _stop_requested(self) -> bool:
+    def _poll_requests(self, snapshot: bool) -> tuple[bool, bool]:
+        """(stop requested, a new checkpoint request). Polls the tags at most every `stop_poll_seconds`, and at
+        every snapshot step, so that a request is honoured within one snapshot interval however fast the steps
+        go (a poll costs far less than a snapshot)."""
         if self.tracker is None or self.stopped is not None:
-            return False
+            return False, False
         now = time.monotonic()
-        if self._last_poll is not None and now - self._last_poll < self.stop_poll_seconds:
-            return False
+        if not snapshot and self._last_poll is not None and now - self._last_poll < self.stop_poll_seconds:
+            return False, False
         self._last_poll = now
         try:
-            return bool(self.tracker.get_tag(STOP_REQUEST_TAG))
+            stop = bool(self.tracker.get_tag(STOP_REQUEST_TAG))
+            checkpoint = self.tracker.get_tag(CHECKPOINT_REQUEST_TAG)
         except Exception as exc:  # a store hiccup must not end the run; the next poll tries again
             if not self._poll_failed:
                 self._poll_failed = True
                 self._print(f"policy: cannot poll for stop requests ({type(exc).__name__}: {exc}); will retry")
-            return False
+            return False, False
+        new = checkpoint is not None and checkpoint != self._checkpoint_request  # each request (its time) once
+        self._checkpoint_request = checkpoint
+        return stop, new
 
     # --- output -----------------------------------------------------------------------------------------
 
@@ -664,8 +719,17 @@ def _group(key: str) -> str:
 
 def request_stop(run_id: str, tracking_uri: str | None = None) -> str:
     """Ask a RUNNING run to stop at its next step boundary (`workbench stop`, the app's button). Returns the URI."""
+    return _request(run_id, tracking_uri, STOP_REQUEST_TAG, "stop")
+
+
+def request_checkpoint(run_id: str, tracking_uri: str | None = None) -> str:
+    """Ask a RUNNING run to save a checkpoint at its next logged step (the app's "Checkpoint now"). Returns the URI."""
+    return _request(run_id, tracking_uri, CHECKPOINT_REQUEST_TAG, "checkpoint")
+
+
+def _request(run_id: str, tracking_uri: str | None, tag: str, what: str) -> str:
     client, run, uri = open_run(run_id, tracking_uri)
     if run.info.status != "RUNNING":
-        raise WorkbenchError(f"run {run_id}: is {run.info.status}, not RUNNING; nothing to stop")
-    client.set_tag(run_id, STOP_REQUEST_TAG, f"requested {datetime.now().isoformat(timespec='seconds')}")
+        raise WorkbenchError(f"run {run_id}: is {run.info.status}, not RUNNING; nothing to {what}")
+    client.set_tag(run_id, tag, f"requested {datetime.now().isoformat(timespec='milliseconds')}")
     return uri

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
-from workbench.tracking import open_store, resolve_tracking_uri
+from workbench.policies import CHECKPOINT_REQUEST_TAG, STOP_REASON_TAG, STOP_REQUEST_TAG, STOPPED_AT_TAG
+from workbench.tracking import open_run, open_store, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 KEY_METRICS = ("train/acc", "eval/acc", "grokking/grokking_step")
 
 
 def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict]:
     """Newest runs first, one dict of display strings per run (id, experiment, stage, status, metrics)."""
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return []  # listing must not create an empty store as a side effect
-    client, _ = open_store(uri)
-    try:
-        experiments = client.search_experiments()
-    except Exception as exc:  # MLflow raises several types for an unusable store
-        reason = str(exc).splitlines()[0]
-        raise WorkbenchError(f"--tracking-uri: cannot read tracking store {uri!r}: {reason}") from None
-    names = {e.experiment_id: e.name for e in experiments}
-    if experiment is not None:
-        names = {i: n for i, n in names.items() if n == experiment}
-        if not names:
-            raise WorkbenchError(f"--experiment: no experiment named {experiment!r} in {uri}")
-    if not names:
-        return []
-    runs = client.search_runs(list(names), order_by=["attribute.start_time DESC"], max_results=limit)
+    names, runs = _search_runs(tracking_uri, experiment, limit)
     rows = []
     for run in runs:
         row = {
@@ -47,12 +37,137 @@ def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, 
     return rows
 
 
-def metric_histories(run_id: str, tracking_uri: str | None = None, prefix: str = "") -> dict[str, tuple[list, list]]:
-    """Every logged value of a run's metrics whose key starts with `prefix`: key -> (steps, values)."""
-    client, _ = open_store(tracking_uri)
-    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(prefix))
+def _search_runs(tracking_uri: str | None, experiment: str | None, limit: int) -> tuple[dict[str, str], list[Run]]:
+    """(experiment id -> name, the runs newest first) of a store; a missing sqlite store has none."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return {}, []  # listing must not create an empty store as a side effect
+    client, _ = open_store(uri)
+    try:
+        experiments = client.search_experiments()
+    except Exception as exc:  # MLflow raises several types for an unusable store
+        reason = str(exc).splitlines()[0]
+        raise WorkbenchError(f"--tracking-uri: cannot read tracking store {uri!r}: {reason}") from None
+    names = {e.experiment_id: e.name for e in experiments}
+    if experiment is not None:
+        names = {i: n for i, n in names.items() if n == experiment}
+        if not names:
+            raise WorkbenchError(f"--experiment: no experiment named {experiment!r} in {uri}")
+    if not names:
+        return names, []
+    return names, client.search_runs(list(names), order_by=["attribute.start_time DESC"], max_results=limit)
+
+
+def run_table(tracking_uri: str | None = None, limit: int = 1000) -> list[dict]:
+    """Newest runs first with what the app lists: ids, the chain run a stage is nested in, experiment, stage,
+    status, start, key metrics (floats), the events that fired and why the run stopped."""
+    names, runs = _search_runs(tracking_uri, None, limit)
+    run_names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
+    rows = []
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        parent = tags.get("mlflow.parentRunId", "")
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name or "",
+                "chain": run_names.get(parent, parent[:8]),
+                "experiment": names[run.info.experiment_id],
+                "stage": tags.get("workbench.stage", ""),
+                "status": run.info.status,
+                "started": datetime.fromtimestamp(run.info.start_time / 1000),
+                **{key: metrics.get(key) for key in KEY_METRICS},
+                "events": ", ".join(sorted(k.removeprefix("event/") for k in metrics if k.startswith("event/"))),
+                "stop_reason": tags.get(STOP_REASON_TAG, ""),
+                "parent_run_id": parent,
+                "metric_keys": sorted(metrics),
+            }
+        )
+    return rows
+
+
+def metric_histories(
+    run_id: str, tracking_uri: str | None = None, prefix: str = "", keys: Iterable[str] | None = None
+) -> dict[str, tuple[list, list]]:
+    """Every logged value of a run's metrics whose key starts with `prefix`: key -> (steps, values).
+
+    `keys`: the run's metric keys where the caller has them (`run_table`), which saves reading the run first.
+    """
+    if keys is None:
+        client, run, _ = open_run(run_id, tracking_uri)
+        keys = run.data.metrics
+    else:
+        client, _ = open_store(tracking_uri)
+    keys = sorted(k for k in keys if k.startswith(prefix))
     histories = {}
     for key in keys:
         points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         histories[key] = ([m.step for m in points], [m.value for m in points])
     return histories
+
+
+def geometry_features(keys: Iterable[str]) -> dict[str, list[str]]:
+    """The `geom/<feature>/<layer>` series among a run's metric keys: feature -> its layers, sorted."""
+    found: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "geom":
+            found.setdefault(parts[1], []).append(parts[2])
+    return found
+
+
+def metric_keys(run_id: str, tracking_uri: str | None = None) -> list[str]:
+    """The metric keys a run has logged so far, sorted."""
+    return sorted(open_run(run_id, tracking_uri)[1].data.metrics)
+
+
+def run_state(run_id: str, tracking_uri: str | None = None) -> dict:
+    """A run's status now, read fresh: status, the step and reason it stopped at, whether a stop or checkpoint
+    request is pending, and the steps of its checkpoints (`checkpoints/step_XXXXXXXX`)."""
+    client, run, _ = open_run(run_id, tracking_uri)
+    tags = run.data.tags
+    saved = client.list_artifacts(run_id, "checkpoints")
+    return {
+        "status": run.info.status,
+        "stop_reason": tags.get(STOP_REASON_TAG),
+        "stopped_at_step": tags.get(STOPPED_AT_TAG),
+        "stop_requested": tags.get(STOP_REQUEST_TAG),
+        "checkpoint_requested": tags.get(CHECKPOINT_REQUEST_TAG),
+        "checkpoints": sorted(int(a.path.rsplit("_", 1)[1]) for a in saved if a.is_dir),
+        "error": tags.get("workbench.error"),
+    }
+
+
+def bulk_metric_histories(
+    run_ids: Sequence[str], prefix: str, tracking_uri: str | None = None
+) -> dict[str, dict[str, tuple[list, list]]]:
+    """`metric_histories` of many runs at once: run id -> key -> (steps, values), for keys starting with `prefix`.
+
+    On a SQL store (the embedded sqlite, or a database the CLI points at) one query reads every value; elsewhere
+    (an MLflow server) it is one `get_metric_history` call per run and key. Measured for the app's Geometry page
+    (20 runs x 12 layers x 200 snapshots, sqlite, loaded 2-core machine): 0.3 s against 5.9 s call by call.
+    The query reads MLflow's own table model (`SqlMetric`), as MLflow's server does; a test checks that both
+    paths give the same histories.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    client, _ = open_store(tracking_uri)
+    store = client._tracking_client.store
+    if not isinstance(store, SqlAlchemyStore):
+        return {run_id: metric_histories(run_id, tracking_uri, prefix) for run_id in run_ids}
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+
+    found: dict[str, dict[str, tuple[list, list]]] = {run_id: {} for run_id in run_ids}
+    columns = (SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.value, SqlMetric.is_nan)
+    with store.ManagedSessionMaker() as session:
+        rows = (
+            session.query(*columns)
+            .filter(SqlMetric.run_uuid.in_(list(run_ids)), SqlMetric.key.startswith(prefix, autoescape=True))
+            .order_by(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.timestamp)
+            .all()
+        )
+    for run_id, key, step, value, is_nan in rows:
+        steps, values = found[run_id].setdefault(key, ([], []))
+        steps.append(step)
+        values.append(float("nan") if is_nan else value)
+    return found

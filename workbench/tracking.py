@@ -2,7 +2,8 @@
 
 Metrics are buffered and sent with `log_batch` (on sqlite one `log_metric` call costs ~7 ms, a batched
 value ~0.12 ms: a loop at 40 steps/s must batch). The run's status follows how it ended: FINISHED,
-FAILED on an exception, KILLED on Ctrl-C, and what was buffered is flushed first in every case.
+FAILED on an exception, KILLED on Ctrl-C or a user's stop request, and what was buffered is flushed first in
+every case.
 """
 
 from __future__ import annotations
@@ -104,9 +105,12 @@ def open_run(run_id: str, uri: str | None) -> tuple[Any, Any, str]:
         raise WorkbenchError(f"run {run_id}: not found (no tracking store at {resolved})")  # and do not create one
     client, resolved = open_store(resolved)
     try:
-        return client, client.get_run(run_id), resolved
+        run = client.get_run(run_id)
     except MlflowException:
         raise WorkbenchError(f"run {run_id}: not found in {resolved}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise WorkbenchError(f"run {run_id}: was deleted from {resolved}")
+    return client, run, resolved
 
 
 class Tracker:
@@ -119,6 +123,7 @@ class Tracker:
         self.flush_seconds = flush_seconds
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
+        self.stopped_by_user = False  # set by the policy engine when it honours a stop request
 
     @classmethod
     def start(
@@ -191,7 +196,13 @@ class Tracker:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush what is buffered, then mark the run FINISHED, FAILED or KILLED."""
+        """Flush what is buffered, then mark the run FINISHED, FAILED or KILLED.
+
+        A run that ends normally after honouring a user's stop request (`workbench stop`, the app) is KILLED,
+        MLflow's status for a run the user stopped; a stop by a policy rule stays FINISHED.
+        """
+        if status == "FINISHED" and self.stopped_by_user:
+            status = "KILLED"
         try:
             self.flush()
         finally:
