@@ -1,9 +1,9 @@
 """Cost of `WorkbenchCallback`: the same TRL SFTTrainer run bare and with the callback, side by side in one process.
 
 The SFT stage's set-up (configs/sft.yaml: the built-in task, a 2-layer d=64 Llama, batch 32) with the
-callback at its defaults (`CallbackSnapshotConfig()`: a snapshot every 50 steps of 256 eval-set probes,
-token pooling, online TwoNN + MLE + effective rank) logging to a sqlite MLflow store; "bare" is the same
-trainer without the callback. Runs alternate (A B A B ...) so drift of a shared machine hits both; we report
+callback at its defaults (`CallbackSnapshotConfig()`: a snapshot every 50 steps of 256 eval-set probes, token
+pooling to at most 1 024 points, online TwoNN + MLE + effective rank) logging to a sqlite MLflow store; "bare" is the
+same trainer without the callback. Runs alternate (A B A B ...) so drift of a shared machine hits both; we report
 each pair's ratio and the median, and, timed directly inside the callback run, the seconds spent in the
 callback's own methods as a share of the bare run. Both in wall time and in the process's CPU time, which other
 jobs on a shared machine inflate far less.

@@ -81,7 +81,8 @@ class WorkbenchCallback(TrainerCallback):
 
     Args:
         snapshot: what to snapshot and how often (the stage configs' `snapshot` key; default
-            `CallbackSnapshotConfig()`: every 50 steps, 256 probes from the eval dataset, token pooling).
+            `CallbackSnapshotConfig()`: every 50 steps, 256 probes from the eval dataset, token pooling, at most
+            1 024 points).
         tracking: where the run goes, when the callback opens its own (`TrackingConfig`).
         tracker: an open run to log into instead (the workbench's stages pass theirs); it is not finished here.
         probes: the fixed probe set: a `ProbeSet`, or rows (a `datasets.Dataset` or a list of dicts with
