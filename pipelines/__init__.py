@@ -19,6 +19,8 @@ STAGES: dict[str, str] = {
     "dpo": "pipelines.dpo",
     "grpo": "pipelines.grpo",
     "ppo": "pipelines.ppo",
+    "tod_ppo": "pipelines.tod.stage",
+    "tod_continual": "pipelines.tod.continual",
     "chain": "pipelines.chain",
 }
 

@@ -1,0 +1,125 @@
+"""TOD continual-learning figures: CLEAR vs naive fine-tuning, zero-shot DDPT vs MLP vs random, the emotion term.
+
+Runs `configs/tod_continual.yaml` (restaurant -> hotel -> train, attraction held out) per seed and variant, in
+worker processes, each into a throw-away sqlite store, and reads back the stage's final metrics:
+    clear        DDPT policy, CLEAR replay
+    naive        DDPT policy, plain PPO fine-tuning
+    naive_mlp    MLP policy (fixed act indices), plain PPO; naive_mlp_50: with 50 PPO iterations per domain
+    naive_emotion  as naive, with env.reward_dissatisfied = -1 per dissatisfied turn
+Snapshots are off here (they do not change training); mean ± sample std over seeds. Writes
+`benchmarks/results/tod_continual.json` and `tod_continual.md`.
+
+    python benchmarks/tod_continual.py --seeds 0 1 2 --workers 2     # ~15-25 min on 2 shared CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+CONFIG = ROOT / "configs" / "tod_continual.yaml"
+VARIANTS = {
+    "clear": ["continual.method=clear"],
+    "naive": ["continual.method=naive"],
+    "naive_mlp": ["continual.method=naive", "policy.kind=mlp"],
+    "naive_mlp_50": ["continual.method=naive", "policy.kind=mlp", "train.max_steps=50"],  # the MLP learns slower
+    "naive_emotion": ["continual.method=naive", "env.reward_dissatisfied=-1.0"],
+}
+SHOWN = (
+    "continual/earlier_success",
+    "continual/newest_success",
+    "continual/average_success",
+    "continual/forgetting",
+    "continual/forward_transfer",
+    "continual/zero_shot/attraction",
+    "baseline/random/zero_shot/attraction",
+    "continual/dissatisfied_rate",
+)
+
+
+def one_run(job: tuple[str, int, list[str]]) -> tuple[str, int, dict[str, float], float]:
+    import torch
+
+    from pipelines.tod.continual import run
+    from workbench.config import load_config
+    from workbench.tracking import Tracker
+
+    torch.set_num_threads(1)
+    variant, seed, overrides = job
+    config = load_config(CONFIG, [f"seed={seed}", "snapshot.enabled=false", *VARIANTS[variant], *overrides])
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp, Tracker.start(f"sqlite:///{tmp}/mlflow.db", "bench") as tracker:
+        result = run(config, tracker)
+    return variant, seed, result.metrics, time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--override", nargs="*", default=[], help="key=value for every run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    jobs = [(v, s, args.override) for s in args.seeds for v in args.variants]  # seed by seed: a cut keeps whole seeds
+    runs = []
+    with Pool(args.workers) as pool:
+        for variant, seed, metrics, seconds in pool.imap_unordered(one_run, jobs):
+            runs.append({"variant": variant, "seed": seed, "metrics": metrics, "seconds": round(seconds, 1)})
+            write(runs, args)  # what has finished is kept if the rest is cut short
+            print(f"{variant} seed {seed}: {seconds:.0f} s", flush=True)
+
+
+def write(runs: list[dict], args: argparse.Namespace) -> None:
+    variants = [v for v in args.variants if any(r["variant"] == v for r in runs)]
+    summary: dict[str, dict[str, list[float]]] = {}
+    for variant in variants:
+        rows = [r["metrics"] for r in runs if r["variant"] == variant]
+        keys = sorted({k for m in rows for k in m})
+        ddof = 1 if len(rows) > 1 else 0
+        summary[variant] = {
+            k: [float(np.mean([m[k] for m in rows])), float(np.std([m[k] for m in rows], ddof=ddof))] for k in keys
+        }
+    out = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs)",
+        "config": str(CONFIG.relative_to(ROOT)),
+        "overrides": args.override,
+        "seeds": sorted({r["seed"] for r in runs}),
+        "runs": runs,
+        "summary": summary,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tod_continual.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [
+        "# TOD continual learning (`benchmarks/tod_continual.py`)",
+        "",
+        f"{out['date']}, {out['machine']}; seeds {out['seeds']}; overrides {args.override or 'none'}; "
+        "mean ± sample std over seeds. Sequence restaurant -> hotel -> train, attraction held out (never trained on).",
+        "",
+        "| variant | " + " | ".join(k.removeprefix("continual/") for k in SHOWN) + " | wall s |",
+        "|---" * (len(SHOWN) + 2) + "|",
+    ]
+    for variant, figures in summary.items():
+        cells = [f"{figures[k][0]:.3f} ± {figures[k][1]:.3f}" if k in figures else "" for k in SHOWN]
+        seconds = [r["seconds"] for r in runs if r["variant"] == variant]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {min(seconds):.0f}-{max(seconds):.0f} |")
+    (args.out / "tod_continual.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

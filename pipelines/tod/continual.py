@@ -1,0 +1,316 @@
+"""The `tod_continual` stage: one dialogue policy trained with PPO on a sequence of domains, naively or with CLEAR.
+
+CLEAR (Rolnick et al. 2019, "Experience Replay for Continual Learning"): every rollout goes into a replay buffer
+(reservoir sampling when it is full, so each transition seen so far is kept with the same probability), and
+every minibatch update adds, on a replayed minibatch, (1) an off-policy policy gradient with the importance
+weight pi/mu truncated at rho_bar (V-trace's truncation, Espeholt et al. 2018) inside PPO's clipped surrogate,
+on the advantage of the stored return over the current value (one step of V-trace's correction; its n-step
+targets are not computed), (2) policy cloning, KL(mu || pi) between the stored behaviour act distribution and the
+current one, and (3) value cloning, the squared distance to the stored values.
+"Naive" is plain PPO on each new domain, starting from where the previous domain left the network.
+
+The state and action spaces are those of all `env.domains`, so one network serves every domain; goals of stage
+i are single-domain goals of `continual.domains[i]`. After each stage the greedy policy is evaluated on every
+domain of the sequence and the held-out ones: R[i][j], success on domain j after stage i. From it, as the
+continual-learning literature defines them: average success at the end, forgetting (Chaudhry et al. 2018:
+f_j = max_{l<T-1} R[l][j] - R[T-1][j], mean over earlier domains) and forward transfer (Lopez-Paz and Ranzato
+2017: mean over i >= 1 of R[i-1][i] - b_i, b_i the untrained network's success on domain i). Held-out domains
+are zero-shot: never trained on.
+
+The experiment is one parent run with a nested run per domain (tag `tod.domain`); each nested run holds the
+snapshots of its domain's training on one probe set fixed for the whole sequence (dialogue states of every
+domain, labelled by domain), so the app compares the policy's representation before and after each switch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.distributions import Bernoulli, kl_divergence
+
+from pipelines import StageResult
+from pipelines.tod.data import TODDataset, load_dataset
+from pipelines.tod.ddpt import INITIAL_ACT_LOGIT, DDPTPolicy, DescribedSpace, load_descriptions
+from pipelines.tod.env import DialogueEnv, env_factory
+from pipelines.tod.evaluator import summarize
+from pipelines.tod.policy import MLPPolicy, Policy, RandomPolicy, RuleExpert, ValueNetwork, run_dialogues
+from pipelines.tod.ppo import PPO
+from pipelines.tod.simulator import GoalGenerator
+from pipelines.tod.stage import _log_model
+from pipelines.tod.synthetic import write_synthetic_dataset
+from workbench.config import flatten
+from workbench.instrument import Instrument
+from workbench.policies import PolicyEngine
+from workbench.snapshots import ProbeSet, choose_probe_ids
+from workbench.tracking import Tracker
+
+if TYPE_CHECKING:
+    from workbench.config import ClearConfig, TODContinualConfig, TODPPOSettings
+
+STREAM_EVAL_GOALS, STREAM_EVAL_USER, STREAM_GOALS, STREAM_ENVS, STREAM_RANDOM, STREAM_PROBES, STREAM_REPLAY = range(
+    20, 27
+)
+PROBE_DIALOGUES = 20  # rule-expert dialogues per domain whose states make the probe set
+
+
+class ReservoirBuffer:
+    """Reservoir sampling (Vitter 1985, algorithm R) over transitions, each a row of every stored tensor."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        self.capacity, self.rng, self.seen = capacity, rng, 0
+        self.data: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        n = len(next(iter(rows.values())))
+        if not self.data:
+            self.data = {k: torch.zeros(self.capacity, *v.shape[1:], dtype=v.dtype) for k, v in rows.items()}
+        slots = {}  # buffer slot -> row; a later row replacing the same slot wins, as in the sequential algorithm
+        for i in range(n):
+            if self.seen < self.capacity:
+                slots[self.seen] = i
+            else:
+                j = int(self.rng.integers(self.seen + 1))
+                if j < self.capacity:
+                    slots[j] = i
+            self.seen += 1
+        if slots:
+            target, source = torch.tensor(list(slots)), torch.tensor(list(slots.values()))
+            for k, v in rows.items():
+                self.data[k][target] = v[source]
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        rows = torch.from_numpy(self.rng.integers(len(self), size=n))
+        return {k: v[rows] for k, v in self.data.items()}
+
+
+class ClearPPO(PPO):
+    """PPO on fresh rollouts plus CLEAR's replay terms on every minibatch (module docstring)."""
+
+    def __init__(
+        self,
+        policy: MLPPolicy | DDPTPolicy,
+        value: ValueNetwork,
+        envs: Sequence[DialogueEnv],
+        sample_goal: Callable,
+        settings: TODPPOSettings,
+        clear: ClearConfig,
+        buffer: ReservoirBuffer,
+    ) -> None:
+        super().__init__(policy, value, envs, sample_goal, settings)
+        self.clear, self.buffer = clear, buffer
+        self.replay_rows = max(  # at least 2: advantages are normalised over the replayed rows
+            2, int(clear.replay_ratio * settings.num_envs * settings.num_steps / settings.num_minibatches)
+        )
+        self.replay_stats: dict[str, list[float]] = {}
+
+    def update(self, obs, actions, old_logprobs, advantages, returns) -> dict[str, float]:  # noqa: ANN001
+        with torch.no_grad():  # the behaviour policy mu of this rollout, stored with it
+            logits, values = self.policy(obs).logits, self.value(obs)
+        self.buffer.add(
+            {"obs": obs, "actions": actions, "logprobs": old_logprobs, "logits": logits, "returns": returns}
+            | {"values": values}
+        )
+        self.replay_stats = {}
+        stats = super().update(obs, actions, old_logprobs, advantages, returns)
+        stats.update({f"clear/{k}": float(np.mean(v)) for k, v in self.replay_stats.items()})
+        stats["clear/buffer_size"] = float(len(self.buffer))
+        return stats
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        replay = self.buffer.sample(self.replay_rows)
+        dist = Bernoulli(logits=self.policy(replay["obs"]).logits)
+        logprob = dist.log_prob(replay["actions"]).sum(-1)
+        ratio = (logprob - replay["logprobs"]).exp()  # pi/mu
+        rho = ratio.clamp(max=self.clear.rho_bar)  # truncated from above, as V-trace's rho-bar
+        # The advantage against the current value function, not the stale one stored with the rollout: an act that
+        # beat the early policy's baseline but falls short of today's is pushed down (V-trace's role, one step).
+        adv = replay["returns"] - self.value(replay["obs"]).detach()
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        # PPO's clipped surrogate on replayed data: once pi has moved past the clip for a stored act, that stale
+        # advantage stops pushing (a first version, -rho.detach() * adv * log pi, kept pushing and forgot more).
+        eps = self.args.clip_coef
+        off_policy = torch.max(-adv * rho, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
+        policy_cloning = kl_divergence(Bernoulli(logits=replay["logits"]), dist).sum(-1).mean()
+        value_cloning = (self.value(replay["obs"]) - replay["values"]).pow(2).mean()
+        for name, v in (
+            ("off_policy_loss", off_policy),
+            ("policy_cloning", policy_cloning),
+            ("value_cloning", value_cloning),
+        ):
+            self.replay_stats.setdefault(name, []).append(v.item())
+        self.replay_stats.setdefault("rho", []).append(rho.mean().item())
+        return off_policy + self.clear.policy_cloning * policy_cloning + self.clear.value_cloning * value_cloning
+
+
+def continual_metrics(
+    success: list[dict[str, float]], untrained: dict[str, float], sequence: list[str]
+) -> dict[str, float]:
+    """Average success, forgetting and forward transfer from R[i][j] (module docstring)."""
+    last, T = success[-1], len(sequence)
+    out = {
+        "continual/average_success": float(np.mean([last[d] for d in sequence])),
+        "continual/newest_success": last[sequence[-1]],
+    }
+    if T > 1:
+        earlier = sequence[:-1]
+        out["continual/earlier_success"] = float(np.mean([last[d] for d in earlier]))
+        out["continual/forgetting"] = float(
+            np.mean([max(success[k][d] for k in range(j, T - 1)) - last[d] for j, d in enumerate(earlier)])
+        )
+        out["continual/forward_transfer"] = float(
+            np.mean([success[i - 1][sequence[i]] - untrained[sequence[i]] for i in range(1, T)])
+        )
+    return out
+
+
+def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
+    seed, env_config, settings = config.seed, config.env, config.continual
+    torch.manual_seed(seed)
+    sequence, held_out = settings.domains, settings.held_out
+    everywhere = [*sequence, *held_out]
+    with tempfile.TemporaryDirectory(prefix="workbench-tod-") as tmp:
+        source = config.data.path or write_synthetic_dataset(tmp, config.data.dialogues, config.data.wizard_noise, seed)
+        dataset: TODDataset = load_dataset(source, env_config.domains)
+    make_env = env_factory(dataset, env_config, seed)
+
+    generators = {
+        d: GoalGenerator(dataset.ontology, dataset.db, [d], max_domains=1, book_probability=env_config.book_probability)
+        for d in everywhere
+    }
+    eval_goals = {
+        d: [
+            generators[d].sample(np.random.default_rng([seed, STREAM_EVAL_GOALS, i]))
+            for _ in range(env_config.eval_dialogues)
+        ]
+        for i, d in enumerate(everywhere)
+    }
+
+    def evaluate(policy: Policy) -> dict[str, dict[str, float]]:
+        return {
+            d: summarize(run_dialogues(make_env(STREAM_EVAL_USER), policy, goals)) for d, goals in eval_goals.items()
+        }
+
+    env = make_env(STREAM_ENVS)
+    if config.policy.kind == "ddpt":
+        space = DescribedSpace(
+            env.actions, env.vectorise, load_descriptions(config.policy.descriptions, env.actions, env.vectorise)
+        )
+        model: MLPPolicy | DDPTPolicy = DDPTPolicy(space, config.policy.hidden_size, config.policy.num_layers)
+    else:
+        model = MLPPolicy(len(env.vectorise), len(env.actions), config.policy.hidden_size, config.policy.num_layers)
+        torch.nn.init.constant_(model.head.bias, INITIAL_ACT_LOGIT)
+    value = ValueNetwork(len(env.vectorise), config.policy.hidden_size)
+    probe = _probe_set(env, generators, everywhere, seed, config.snapshot.probes)
+    tracker.set_tags(
+        {"workbench.device": "cpu", "tod.sequence": ",".join(sequence), "tod.held_out": ",".join(held_out)}
+    )
+
+    baselines = evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM])))
+    untrained_figures = evaluate(model.greedy(env))
+    untrained = {d: f["tod/success_rate"] for d, f in untrained_figures.items()}
+    tracker.log_metrics({f"baseline/random/success/{d}": f["tod/success_rate"] for d, f in baselines.items()}, 0)
+    tracker.log_metrics({f"baseline/untrained/success/{d}": s for d, s in untrained.items()}, 0)
+
+    buffer = ReservoirBuffer(settings.clear.replay_size, np.random.default_rng([seed, STREAM_REPLAY]))
+    experiment = tracker.client.get_experiment(tracker.client.get_run(tracker.run_id).info.experiment_id).name
+    success: list[dict[str, float]] = []
+    step, stopped = 0, []
+    for stage, domain in enumerate(sequence):
+        goal_rng = np.random.default_rng([seed, STREAM_GOALS, stage])
+        envs = [make_env(STREAM_ENVS, 100 * stage + e) for e in range(config.ppo.num_envs)]
+        sample_goal = lambda g=generators[domain], r=goal_rng: g.sample(r)  # noqa: E731
+        learner = (
+            ClearPPO(model, value, envs, sample_goal, config.ppo, settings.clear, buffer)
+            if settings.method == "clear"
+            else PPO(model, value, envs, sample_goal, config.ppo)
+        )
+        child = Tracker.start(
+            tracker.tracking_uri,
+            experiment,
+            f"{stage}: {domain}",
+            {"workbench.stage": "tod_continual.domain", "tod.domain": domain, "tod.stage_index": str(stage)},
+            config.tracking.flush_seconds,
+            parent_run_id=tracker.run_id,
+        )
+        with child:
+            child.log_params({**flatten(config), "tod.domain": domain})
+            instrument = Instrument(config.snapshot, probe, child, seed=seed)
+            engine = PolicyEngine.from_config(config.policies, tracker=child)
+
+            def observe(
+                step: int,
+                metrics: dict[str, float],
+                instrument: Instrument = instrument,
+                engine: PolicyEngine = engine,
+                child: Tracker = child,
+            ) -> bool:
+                geometry = instrument(model, step)
+                child.log_metrics(metrics, step)
+                return engine.observe(step, {**geometry, **metrics}).stop
+
+            if stage == 0:
+                observe(step, {**untrained_figures[domain]})
+            for iteration in range(1, config.train.max_steps + 1):
+                step += 1
+                metrics = learner.iteration()
+                if iteration % config.train.eval_every == 0 and iteration < config.train.max_steps:
+                    metrics.update(
+                        summarize(run_dialogues(make_env(STREAM_EVAL_USER), model.greedy(env), eval_goals[domain]))
+                    )
+                if observe(step, metrics):
+                    stopped.append(f"{domain}: stopped at step {step}")
+                    break
+            engine.finish()
+            figures = evaluate(model.greedy(env))
+            success.append({d: f["tod/success_rate"] for d, f in figures.items()})
+            end = {**figures[domain], **{f"continual/success/{d}": s for d, s in success[-1].items()}}
+            end.update({f"continual/dissatisfied_rate/{d}": f["tod/dissatisfied_rate"] for d, f in figures.items()})
+            child.log_metrics(end, step)
+        tracker.log_metrics({f"continual/success/{d}": s for d, s in success[-1].items()}, stage)
+        tracker.set_tags({f"tod.continual.{stage}.run_id": child.run_id})
+
+    final = continual_metrics(success, untrained, sequence)
+    final["continual/dissatisfied_rate"] = float(np.mean([figures[d]["tod/dissatisfied_rate"] for d in sequence]))
+    for d in held_out:
+        final[f"continual/zero_shot/{d}"] = success[-1][d]
+        final[f"baseline/random/zero_shot/{d}"] = baselines[d]["tod/success_rate"]
+    tracker.log_metrics(final, len(sequence) - 1)
+    matrix = ["| after \\ on | " + " | ".join(everywhere) + " |", "|---" * (len(everywhere) + 1) + "|"]
+    matrix.append("| untrained | " + " | ".join(f"{untrained[d]:.3f}" for d in everywhere) + " |")
+    for stage, row in enumerate(success):
+        matrix.append(f"| {stage}: {sequence[stage]} | " + " | ".join(f"{row[d]:.3f}" for d in everywhere) + " |")
+    tracker.log_text("\n".join(matrix) + "\n", "continual.md")
+    summary = [*stopped, f"{settings.method} over {' -> '.join(sequence)} ({config.policy.kind} policy):", *matrix]
+    summary.append(", ".join(f"{k.removeprefix('continual/')} {v:.3f}" for k, v in final.items()))
+    metrics = {**final, **{f"continual/success/{d}": s for d, s in success[-1].items()}}
+    return StageResult(model_uri=_log_model(model, tracker), metrics=metrics, summary=summary)
+
+
+def _probe_set(
+    env: DialogueEnv, generators: dict[str, GoalGenerator], domains: list[str], seed: int, n: int
+) -> ProbeSet:
+    """Dialogue states of rule-expert dialogues in every domain, labelled by the domain's index."""
+    expert, rng = RuleExpert(env), np.random.default_rng([seed, STREAM_PROBES])
+    states, labels = [], []
+    for index, domain in enumerate(domains):
+        for _ in range(PROBE_DIALOGUES):
+            state, done = env.reset(generators[domain].sample(rng)), False
+            while not done:
+                states.append(env.vectorise(state))
+                labels.append(index)
+                state, _, done = env.step(expert(state))
+    ids = choose_probe_ids(np.arange(len(states)), n, seed)
+    return ProbeSet(
+        ids=ids,
+        input_ids=torch.from_numpy(np.stack([states[i] for i in ids])).unsqueeze(1),
+        attention_mask=torch.ones(len(ids), 1, dtype=torch.long),
+        answer_positions=torch.zeros(len(ids), dtype=torch.long),
+        labels=[labels[i] for i in ids],
+    )

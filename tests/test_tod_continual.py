@@ -1,0 +1,227 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipelines.tod.continual import ClearPPO, ReservoirBuffer, continual_metrics
+from pipelines.tod.data import DomainGoal, Goal, load_dataset
+from pipelines.tod.ddpt import DDPTPolicy, DescribedSpace, load_descriptions
+from pipelines.tod.env import DialogueEnv, Rewards
+from pipelines.tod.evaluator import summarize
+from pipelines.tod.policy import MLPPolicy, RuleExpert, ValueNetwork, behaviour_cloning_epoch, run_dialogues
+from pipelines.tod.simulator import AgendaUser, GoalGenerator
+from pipelines.tod.synthetic import DOMAINS, write_synthetic_dataset
+from workbench.cli import main
+from workbench.config import ClearConfig, TODPPOSettings
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tod_continual.yaml")
+TINY = [
+    "continual.domains=[restaurant,hotel]",
+    "train.max_steps=2",
+    "train.eval_every=1",
+    "env.eval_dialogues=5",
+    "ppo.num_envs=2",
+    "ppo.num_steps=16",
+    "policy.hidden_size=16",
+    "snapshot.every=1",
+    "snapshot.probes=30",
+    "continual.method=clear",  # the config's default is naive; the run test covers the replay path too
+    "continual.clear.replay_size=40",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_dataset(write_synthetic_dataset(tmp_path_factory.mktemp("tod"), 10, 0.0, 0), DOMAINS)
+
+
+def make_env(dataset, seed=0, rewards=Rewards()):  # noqa: B008
+    return DialogueEnv(dataset.ontology, dataset.db, DOMAINS, np.random.default_rng(seed), rewards=rewards)
+
+
+# --- the user's emotion ----------------------------------------------------------------------------------
+
+
+def test_user_is_dissatisfied_by_repeats_irrelevant_and_redundant_requests_and_satisfied_by_answers():
+    goal = Goal({"hotel": DomainGoal({"area": "north"}, {}, ("phone",))})
+    user = AgendaUser(goal, np.random.default_rng(0), max_acts=3)
+    said = user.start()
+    assert ("inform", "hotel", "area", "north") in said
+    assert user.respond([("reqmore", "general", "", "")]) and user.emotion == "neutral"
+    assert user.respond([("reqmore", "general", "", "")]) and user.emotion == "dissatisfied"  # the same turn again
+    user.respond([("request", "hotel", "area", "")])  # the user said the area already
+    assert user.emotion == "dissatisfied"
+    user.respond([("request", "train", "day", "")])  # a domain the user does not want
+    assert user.emotion == "dissatisfied"
+    user.respond([("inform", "hotel", "phone", "0123")])
+    assert user.emotion == "satisfied"
+    user.respond([("nooffer", "hotel", "", "")])
+    assert user.emotion == "dissatisfied"
+
+
+def test_emotion_is_logged_as_rates_and_its_reward_weight_changes_only_dissatisfied_turns(dataset):
+    goals = [
+        GoalGenerator(dataset.ontology, dataset.db, ["hotel"], max_domains=1).sample(np.random.default_rng(i))
+        for i in range(5)
+    ]
+    always_irrelevant = lambda state: [("request", "train", "day")]  # noqa: E731
+    plain = run_dialogues(make_env(dataset), always_irrelevant, goals)
+    penalised = run_dialogues(make_env(dataset, rewards=Rewards(dissatisfied=-2.0)), always_irrelevant, goals)
+    assert summarize(plain)["tod/dissatisfied_rate"] == 1.0
+    for a, b in zip(plain, penalised, strict=True):
+        assert b.reward == pytest.approx(a.reward - 2.0 * a.emotions["dissatisfied"]) and a.emotions["dissatisfied"] > 0
+    expert = summarize(run_dialogues(make_env(dataset), RuleExpert(make_env(dataset)), goals))
+    assert expert["tod/dissatisfied_rate"] < 0.5 and expert["tod/satisfied_rate"] > 0
+
+
+# --- replay and the continual-learning metrics ------------------------------------------------------------
+
+
+def test_reservoir_keeps_every_transition_seen_with_the_same_probability():
+    kept = np.zeros(1000)
+    for trial in range(200):
+        buffer = ReservoirBuffer(100, np.random.default_rng(trial))
+        for start in range(0, 1000, 64):
+            buffer.add({"x": torch.arange(start, min(start + 64, 1000))})
+        assert len(buffer) == 100 and len(set(buffer.data["x"].tolist())) == 100
+        kept[buffer.data["x"].numpy()] += 1
+    first, last = kept[:500].sum() / kept.sum(), kept[500:].sum() / kept.sum()
+    assert abs(first - last) < 0.05  # naive "keep the newest" would give 0 vs 1
+
+
+def test_forgetting_and_forward_transfer_follow_the_literatures_definitions():
+    success = [
+        {"a": 0.9, "b": 0.2, "c": 0.1},
+        {"a": 0.5, "b": 0.8, "c": 0.3},
+        {"a": 0.4, "b": 0.6, "c": 0.7},
+    ]
+    untrained = {"a": 0.0, "b": 0.1, "c": 0.1}
+    out = continual_metrics(success, untrained, ["a", "b", "c"])
+    assert out["continual/forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.6)) / 2)
+    assert out["continual/forward_transfer"] == pytest.approx(((0.2 - 0.1) + (0.3 - 0.1)) / 2)
+    assert out["continual/earlier_success"] == pytest.approx(0.5) and out["continual/newest_success"] == 0.7
+
+
+def test_clear_policy_cloning_pulls_the_policy_back_to_the_replayed_behaviour(dataset):
+    env = make_env(dataset)
+    model, value = MLPPolicy(len(env.vectorise), len(env.actions), 16, 1), ValueNetwork(len(env.vectorise), 16)
+    buffer = ReservoirBuffer(64, np.random.default_rng(0))
+    obs = torch.from_numpy(np.stack([env.vectorise(env.reset(g)) for g in _goals(dataset, "hotel", 64)]))
+    behaviour = torch.full((64, len(env.actions)), -3.0)
+    actions = torch.zeros(64, len(env.actions))
+    buffer.add(
+        {
+            "obs": obs,
+            "actions": actions,
+            "logprobs": torch.distributions.Bernoulli(logits=behaviour).log_prob(actions).sum(-1),
+        }
+        | {"logits": behaviour, "returns": torch.zeros(64), "values": torch.zeros(64)}
+    )
+    clear = ClearConfig(replay_size=64, policy_cloning=1.0, value_cloning=1.0)
+    goals = iter(_goals(dataset, "hotel", 5))
+    learner = ClearPPO(
+        model, value, [env], lambda: next(goals), TODPPOSettings(num_envs=1, num_steps=64, lr=1e-2), clear, buffer
+    )
+    before = learner.auxiliary_loss().item()
+    for _ in range(50):
+        learner.optimizer.zero_grad()
+        learner.auxiliary_loss().backward()
+        learner.optimizer.step()
+    assert learner.auxiliary_loss().item() < 0.5 * before
+    assert learner.replay_stats["policy_cloning"][-1] < learner.replay_stats["policy_cloning"][0]
+
+
+def _goals(dataset, domain, n, seed=0):
+    generator = GoalGenerator(dataset.ontology, dataset.db, [domain], max_domains=1)
+    rng = np.random.default_rng(seed)
+    return [generator.sample(rng) for _ in range(n)]
+
+
+# --- the description-conditioned policy ---------------------------------------------------------------------
+
+
+def test_ddpt_trained_on_two_domains_acts_in_a_domain_it_never_saw_and_the_mlp_does_not(dataset):
+    """Behaviour cloning of the rule expert on restaurant and hotel only; attraction is new to both networks."""
+    env = make_env(dataset)
+    expert = RuleExpert(env)
+    states, targets = [], []
+    for goal in _goals(dataset, "restaurant", 40) + _goals(dataset, "hotel", 40, seed=1):
+        state, done = env.reset(goal), False
+        while not done:
+            acts = expert(state)
+            states.append(env.vectorise(state))
+            targets.append(env.actions.mask(acts))
+            state, _, done = env.step(acts)
+    states, targets = torch.from_numpy(np.stack(states)), torch.from_numpy(np.stack(targets))
+    torch.manual_seed(0)
+    space = DescribedSpace(env.actions, env.vectorise, load_descriptions(None, env.actions, env.vectorise))
+    success = {}
+    for name, model in (
+        ("ddpt", DDPTPolicy(space, 32, 1)),
+        ("mlp", MLPPolicy(len(env.vectorise), len(env.actions), 32, 1)),
+    ):
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(30):
+            behaviour_cloning_epoch(model, optimizer, states, targets, 64, torch.Generator().manual_seed(0))
+        model.eval()
+        scores = run_dialogues(make_env(dataset, seed=5), model.greedy(env), _goals(dataset, "attraction", 30, seed=9))
+        success[name] = summarize(scores)["tod/success_rate"]
+    assert success["ddpt"] >= 0.5 and success["mlp"] <= 0.2, success
+
+
+def test_a_description_file_changes_the_words_and_a_missing_entry_is_named(dataset, tmp_path):
+    env = make_env(dataset)
+    names = load_descriptions(None, env.actions, env.vectorise)
+    richer = json.loads(json.dumps(names))
+    richer["slots"]["attraction"]["area"] = "part of town where the museum, park or college is"
+    path = tmp_path / "descriptions.json"
+    path.write_text(json.dumps(richer))
+    space = DescribedSpace(env.actions, env.vectorise, load_descriptions(path, env.actions, env.vectorise))
+    assert "museum" in space.vocabulary
+    del richer["slots"]["hotel"]["area"]
+    path.write_text(json.dumps(richer))
+    with pytest.raises(Exception, match=r"descriptions.json: slots.hotel.area: missing description"):
+        load_descriptions(path, env.actions, env.vectorise)
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+def test_continual_run_nests_a_run_per_domain_with_snapshots_and_logs_forgetting(tracking_uri):
+    assert main(["run", CONFIG, *TINY, f"tracking.uri={tracking_uri}"]) == 0
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tod_continual").experiment_id
+    runs = client.search_runs([experiment])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: r.data.tags["tod.stage_index"],
+    )
+    assert [c.data.tags["tod.domain"] for c in children] == ["restaurant", "hotel"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        snapshots = {a.path for a in client.list_artifacts(child.info.run_id, "snapshots")}
+        assert "snapshots/index.json" in snapshots and len(snapshots) >= 3
+        assert "tod/dissatisfied_rate" in child.data.metrics and "clear/policy_cloning" in child.data.metrics
+    steps = [m.step for m in client.get_metric_history(children[1].info.run_id, "train/policy_loss")]
+    assert steps == [3, 4]  # steps run on across domains
+    for key in ("continual/forgetting", "continual/forward_transfer", "continual/zero_shot/attraction"):
+        assert key in parent.data.metrics
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "continual/success/restaurant")] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("continual.domains=[restaurant,police]", "continual.domains: police not in env.domains"),
+        ("continual.clear.replay_size=0", "continual.clear.replay_size"),
+        ("policy.descriptions=missing.json", "policy.descriptions: missing.json: no such file"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field_and_exit_2(override, message, tracking_uri, capsys):
+    assert main(["run", CONFIG, *TINY, override, f"tracking.uri={tracking_uri}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
