@@ -93,6 +93,7 @@ def browser_render(uri: str, ids: list[str], workdir: Path) -> tuple[float, floa
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1"]
     command += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    command += ["--server.fileWatcherType", "none"]  # as .streamlit/config.toml, which a server in another cwd skips
     server = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -161,7 +162,7 @@ def main() -> None:
         "# Geometry page render time",
         "",
         f"`python benchmarks/app_render.py`: {args.runs} runs x {args.layers} layers x {args.snapshots} snapshots "
-        f"({len(FEATURES)} features each), {result['machine']}, shared and loaded machine.",
+        f"({len(FEATURES)} features each), {result['machine']}; load average in the table.",
         "",
         "Seconds from navigation until every chart is drawn in Chromium:",
         "",

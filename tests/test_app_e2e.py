@@ -85,6 +85,7 @@ def app_url(tracking_uri, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1"]
     command += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    command += ["--server.fileWatcherType", "none"]  # as .streamlit/config.toml, which a server in another cwd skips
     with open(tmp_path / "streamlit.log", "w") as log:
         server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
