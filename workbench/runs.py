@@ -18,23 +18,15 @@ KEY_METRICS = ("train/acc", "eval/acc", "grokking/grokking_step")
 
 
 def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict]:
-    """Newest runs first, one dict of display strings per run (id, experiment, stage, status, metrics)."""
-    names, runs = _search_runs(tracking_uri, experiment, limit)
-    rows = []
-    for run in runs:
-        row = {
-            "run_id": run.info.run_id,
-            "experiment": names[run.info.experiment_id],
-            "name": run.info.run_name or "",
-            "stage": run.data.tags.get("workbench.stage", ""),
-            "status": run.info.status,
-            "started": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+    """`run_table`'s rows as the display strings `workbench ls` prints (id, experiment, stage, status, metrics)."""
+    return [
+        {
+            **{key: row[key] for key in ("run_id", "experiment", "name", "stage", "status")},
+            "started": row["started"].strftime("%Y-%m-%d %H:%M"),
+            **{key: "" if row[key] is None else f"{row[key]:g}" for key in KEY_METRICS},
         }
-        for key in KEY_METRICS:
-            value = run.data.metrics.get(key)
-            row[key] = "" if value is None else f"{value:g}"
-        rows.append(row)
-    return rows
+        for row in run_table(tracking_uri, experiment, limit)
+    ]
 
 
 def _search_runs(tracking_uri: str | None, experiment: str | None, limit: int) -> tuple[dict[str, str], list[Run]]:
@@ -58,10 +50,11 @@ def _search_runs(tracking_uri: str | None, experiment: str | None, limit: int) -
     return names, client.search_runs(list(names), order_by=["attribute.start_time DESC"], max_results=limit)
 
 
-def run_table(tracking_uri: str | None = None, limit: int = 1000) -> list[dict]:
-    """Newest runs first with what the app lists: ids, the chain run a stage is nested in, experiment, stage,
-    status, start, key metrics (floats), the events that fired and why the run stopped."""
-    names, runs = _search_runs(tracking_uri, None, limit)
+def run_table(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 1000) -> list[dict]:
+    """Newest runs first (of one experiment, or all) with what the app lists: ids, the chain run a stage is
+    nested in, experiment, stage, status, start, key metrics (floats), the events that fired and why the run
+    stopped."""
+    names, runs = _search_runs(tracking_uri, experiment, limit)
     run_names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
     rows = []
     for run in runs:
