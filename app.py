@@ -5,7 +5,8 @@ stop button for live runs.
 
 Pages: Runs (a filterable table that refreshes while runs are live), Compare (metrics of several runs on
 shared axes, by step), Geometry (layer x step heatmaps of a `geom/` feature with markers where things happened,
-per-layer lines, a snapshot explorer), Policies (edit, validate, backtest, save) and Live control (Stop).
+a continual run's domains joined across their switches, per-layer lines, a snapshot explorer), Policies (edit,
+validate, backtest, save, attach to a config or a running run) and Live control (Stop, Checkpoint now).
 `?page=geometry&runs=ID,ID` opens a page on given runs. Data access lives in `workbench/` and is shared with
 the CLI; this file lays out the pages. Bad input (an unreachable store, a deleted run, a broken policy, a run
 without geometry yet) is a message on the page; user text is parsed as YAML data or matched as plain text,
@@ -23,14 +24,23 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
+from streamlit.delta_generator import DeltaGenerator
 
-from workbench.backtest import backtest_run, run_landmarks, unlogged_metrics
+from workbench.backtest import backtest_run, runs_landmarks, unlogged_metrics
+from workbench.config import load_config
 from workbench.errors import WorkbenchError
-from workbench.policies import parse_policy, request_checkpoint, request_stop
+from workbench.policies import (
+    STOP_POLL_SECONDS,
+    attach_policies,
+    attach_policy,
+    parse_policy,
+    request_checkpoint,
+    request_stop,
+)
 from workbench.runs import (
     KEY_METRICS,
     bulk_metric_histories,
+    continual_histories,
     geometry_features,
     metric_histories,
     metric_keys,
@@ -44,6 +54,7 @@ PAGES = {"runs": "Runs", "compare": "Compare", "geometry": "Geometry", "policies
 LIVE_SECONDS = 2  # live runs' data is re-read this often; finished runs' data is cached until they change
 POLICY_DIR = Path("configs") / "policies"  # beside the configs, in the directory the app runs in (as the CLI)
 POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+CONTINUAL_DOMAIN_STAGE = "tod_continual.domain"  # the stage tag of a continual run's nested per-domain runs
 
 
 # --- data, cached: a finished run's histories never change, a live run's are re-read every LIVE_SECONDS -----
@@ -70,9 +81,15 @@ def cached_geometry(uri: str, runs: tuple[tuple[str, str], ...], feature: str) -
     return bulk_metric_histories([run_id for run_id, _ in runs], f"geom/{feature}/", uri)
 
 
+@st.cache_data(max_entries=200, show_spinner=False)
+def cached_continual(uri: str, run_id: str, feature: str, fresh: str) -> tuple[dict, list[tuple[int, str]]]:
+    return continual_histories(run_id, f"geom/{feature}/", uri)
+
+
 @st.cache_data(max_entries=2000, show_spinner=False)
-def cached_landmarks(uri: str, run_id: str, fresh: str) -> list[tuple[int, str]]:
-    return run_landmarks(run_id, uri)
+def cached_landmarks(uri: str, runs: tuple[tuple[str, str], ...]) -> dict[str, list[tuple[int, str]]]:
+    """Landmarks of many runs, read at once; `runs` = (run id, freshness) pairs."""
+    return runs_landmarks([run_id for run_id, _ in runs], uri)
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
@@ -117,19 +134,15 @@ def pick_runs(uri: str, rows: list[dict], label: str, default: list[str], key: s
     return st.multiselect(label, ids, default=chosen, format_func=lambda i: run_label(by_id[i]), key=key)
 
 
-def markers(marks: list[tuple[int, str]], axis: int = 1) -> tuple[list[dict], list[dict]]:
-    """(shapes, annotations): a dotted vertical line and a label at each step on subplot `axis`. Set all at once
-    with `update_layout`: `add_vline` costs ~30 ms a line, which 20 heatmaps' markers would turn into seconds."""
-    x, y = ("x", "y") if axis == 1 else (f"x{axis}", f"y{axis}")
-    line = {"type": "line", "xref": x, "yref": f"{y} domain", "y0": 0, "y1": 1, "line": {"dash": "dot"}}
-    label = {"xref": x, "yref": f"{y} domain", "y": 1, "showarrow": False, "textangle": -90, "yanchor": "top"}
-    shapes = [{**line, "x0": step, "x1": step} for step, _ in marks]
-    return shapes, [{**label, "x": step, "text": text, "font": {"size": 10}} for step, text in marks]
-
-
-def add_markers(figure: go.Figure, marks: list[tuple[int, str]]) -> None:
-    shapes, annotations = markers(marks)
-    figure.update_layout(shapes=shapes, annotations=annotations)
+def marker_layout(marks: list[tuple[int, str]]) -> dict[str, list[dict]]:
+    """Layout shapes and annotations: a dotted vertical line and a label at each step, set at once (`add_vline`
+    costs ~30 ms a line)."""
+    line = {"type": "line", "xref": "x", "yref": "y domain", "y0": 0, "y1": 1, "line": {"dash": "dot"}}
+    label = {"xref": "x", "yref": "y domain", "y": 1, "showarrow": False, "textangle": -90, "yanchor": "top"}
+    return {
+        "shapes": [{**line, "x0": step, "x1": step} for step, _ in marks],
+        "annotations": [{**label, "x": step, "text": text, "font": {"size": 10}} for step, text in marks],
+    }
 
 
 def long_frame(histories: dict[str, tuple[list, list]], **columns: str) -> pd.DataFrame:
@@ -201,80 +214,103 @@ def page_compare(uri: str, rows: list[dict]) -> None:
     st.plotly_chart(figure, key="compare-chart")
 
 
-def layer_grid(histories: dict[str, tuple[list, list]]) -> tuple[np.ndarray, list[int], list[str]]:
-    """One run's `geom/<feature>/<layer>` histories as a [layer, step] array (NaN where a value is missing)."""
-    steps = sorted({s for s, _ in histories.values() for s in s})
-    column = {step: i for i, step in enumerate(steps)}
-    keys = sorted(histories)
-    z = np.full((len(keys), len(steps)), np.nan)
-    for i, key in enumerate(keys):
-        s, v = histories[key]
-        z[i, [column[x] for x in s]] = v
-    return z, steps, [key.rsplit("/", 1)[1] for key in keys]
-
-
 @st.cache_resource(max_entries=16, show_spinner=False)
-def heatmaps(uri: str, key: tuple[tuple[str, str], ...], feature: str, _runs: list[tuple[dict, dict]]) -> go.Figure:
-    """Layer x step heatmaps of one feature, a subplot per run on one colour scale, with each run's landmarks.
+def heatmap(key: tuple[str, tuple], feature: str, _runs: list[tuple[dict, dict, list]]) -> go.Figure:
+    """Layer x step heatmaps of one feature, the runs stacked in one heatmap trace on one colour scale: a band of
+    rows per run (a layer a row) under a blank row naming the run, each run's landmarks marked across its band.
 
-    One figure, not one per run: the browser draws 20 subplots in far less time than 20 charts. The figure is
-    cached under `key` ((run id, freshness) pairs): building it costs more than reading the data."""
-    runs = _runs  # not hashed: `key` names them
-    columns = 2 if len(runs) > 1 else 1
-    rows = -(-len(runs) // columns)
-    grids = [layer_grid(histories) for _, histories in runs]
-    titles = [
-        f"{run_label(row)}: {len(y)} layers × {len(x)} snapshots"
-        for (row, _), (_, x, y) in zip(runs, grids, strict=True)
+    One trace, not a subplot per run: plotly.js draws it in a fraction of the time of 20 subplots (docs/app.md,
+    "Speed"). Cached under `key` (the store, (run id, freshness) pairs), which names the runs `_runs` (row,
+    histories, marks) holds: building the figure costs more than reading the data."""
+    steps = sorted({step for _, histories, _ in _runs for s, _ in histories.values() for step in s})
+    column = {step: i for i, step in enumerate(steps)}
+    bands, rows, ticks, shapes, labels = [], [], [], [], []
+    for row, histories, marks in _runs:
+        keys = sorted(histories)
+        title = f"{run_label(row)}: {len(keys)} layers × {len({x for s, _ in histories.values() for x in s})} snapshots"
+        top = len(rows)
+        rows += [title, *(f"{key.rsplit('/', 1)[1]} · {row['run_id'][:8]}" for key in keys)]
+        ticks += [f"<b>{title}</b>", *(key.rsplit("/", 1)[1] for key in keys)]
+        z = np.full((len(keys) + 1, len(steps)), np.nan, dtype=np.float32)  # the title row stays blank
+        for i, key in enumerate(keys, start=1):
+            s, v = histories[key]
+            z[i, [column[x] for x in s]] = v
+        bands.append(z)
+        line = {"type": "line", "xref": "x", "yref": "y", "y0": top + 0.5, "y1": len(rows) - 0.5}
+        shapes += [{**line, "x0": step, "x1": step, "line": {"dash": "dot", "width": 1}} for step, _ in marks]
+        labels += [
+            {"x": step, "y": top, "text": text, "showarrow": False, "xanchor": "left", "font": {"size": 10}}
+            for step, text in marks
+        ]
+    trace = {
+        "type": "heatmap",
+        "z": np.vstack(bands),  # float32: half the bytes to send, and 7 digits where the hover shows 4
+        "x": steps,
+        "y": rows,
+        "colorscale": "Viridis",
+        "colorbar": {"title": {"text": feature}},
+        "hovertemplate": f"%{{y}}<br>step %{{x}}<br>{feature} %{{z:.4g}}<extra></extra>",
+    }
+    layout = {
+        "shapes": shapes,
+        "annotations": labels,
+        "height": 120 + 18 * len(rows),
+        "margin": {"t": 20, "b": 30},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"autorange": "reversed", "tickmode": "array", "tickvals": rows, "ticktext": ticks},
+    }
+    return go.Figure({"data": [trace], "layout": layout}, _validate=False)  # plotly's validation took 0.5 s here
+
+
+def layer_lines(feature: str, label: str, histories: dict[str, tuple[list, list]], marks: list) -> go.Figure:
+    """One line per layer of one run's feature, with its landmarks."""
+    traces = [
+        {"type": "scatter", "mode": "lines", "x": s, "y": v, "name": k.rsplit("/", 1)[1]}
+        for k, (s, v) in histories.items()
     ]
-    figure = make_subplots(rows, columns, subplot_titles=titles, vertical_spacing=0.3 / rows, horizontal_spacing=0.05)
-    shapes, annotations = [], list(figure.layout.annotations)  # the subplot titles
-    for n, ((row, _), (z, x, y)) in enumerate(zip(runs, grids, strict=True)):
-        figure.add_trace(
-            go.Heatmap(z=z, x=x, y=y, coloraxis="coloraxis", name=row["run_id"]), n // columns + 1, n % columns + 1
-        )
-        more_shapes, more_annotations = markers(cached_landmarks(uri, row["run_id"], freshness(row)), axis=n + 1)
-        shapes += more_shapes
-        annotations += more_annotations
-    layers = max(len(y) for _, _, y in grids)
-    figure.update_layout(
-        shapes=shapes,
-        annotations=annotations,
-        coloraxis={"colorscale": "Viridis", "colorbar": {"title": feature}},
-        height=rows * (90 + 24 * layers),
-        margin={"t": 40, "b": 30},
-    )
-    return figure
+    layout = {
+        "title": {"text": f"{feature} per layer: {label}"},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"title": {"text": feature}},
+    }
+    return go.Figure({"data": traces, "layout": {**layout, **marker_layout(marks)}}, _validate=False)
 
 
 def page_geometry(uri: str, rows: list[dict]) -> None:
     st.header("Geometry")
     by_id = {r["run_id"]: r for r in rows}
     chosen = pick_runs(uri, rows, "Runs", [rows[0]["run_id"]], "geometry-runs")
-    features = sorted({f for i in chosen for f in geometry_features(by_id[i]["metric_keys"])})
     if not chosen:
         st.info("Pick one or more runs.")
         return
+    # A continual run (pipelines/tod/continual.py) shows its nested per-domain runs' series joined by step.
+    domains: dict[str, list[str]] = {}
+    for r in rows:
+        if r["stage"] == CONTINUAL_DOMAIN_STAGE:
+            domains.setdefault(r["parent_run_id"], []).extend(r["metric_keys"])
+    keys = {i: by_id[i]["metric_keys"] + domains.get(i, []) for i in chosen}
+    features = sorted({f for i in chosen for f in geometry_features(keys[i])})
     if not features:
         st.info("No geometry logged yet for these runs: `geom/` metrics appear at the first snapshot.")
         return
     feature = st.selectbox("Feature", features, index=features.index("lid_twonn") if "lid_twonn" in features else 0)
-    key = tuple((i, freshness(by_id[i])) for i in chosen)
-    geometry = cached_geometry(uri, key, feature)
+    plain = tuple((i, freshness(by_id[i])) for i in chosen if i not in domains)
+    geometry = cached_geometry(uri, plain, feature) if plain else {}
+    marks = cached_landmarks(uri, tuple((i, freshness(by_id[i])) for i in chosen))
+    for i in (i for i in chosen if i in domains):
+        geometry[i], switches = cached_continual(uri, i, feature, freshness(by_id[i]))
+        marks[i] = sorted(switches + marks[i])
     for run_id in (i for i in chosen if not geometry[i]):
         st.info(f"{run_label(by_id[run_id])}: no {feature} logged yet.")
-    drawn = [(by_id[i], geometry[i]) for i in chosen if geometry[i]]
+    drawn = [(by_id[i], geometry[i], marks[i]) for i in chosen if geometry[i]]
     if drawn:
-        st.plotly_chart(heatmaps(uri, key, feature, drawn), key="heatmaps")
+        key = (uri, tuple((i, freshness(by_id[i])) for i in chosen))
+        st.plotly_chart(heatmap(key, feature, drawn), key="heatmaps")
 
     focus = st.selectbox("Per-layer lines and snapshots of", chosen, format_func=lambda i: run_label(by_id[i]))
     row = by_id[focus]
-    histories = geometry[focus]
-    if histories:
-        frame = long_frame(histories).assign(layer=lambda f: f["metric"].str.rsplit("/", n=1).str[-1])
-        figure = px.line(frame, x="step", y="value", color="layer", title=f"{feature} per layer: {run_label(row)}")
-        add_markers(figure, cached_landmarks(uri, focus, freshness(row)))
-        st.plotly_chart(figure, key="layer-lines")
+    if geometry[focus]:
+        st.plotly_chart(layer_lines(feature, run_label(row), geometry[focus], marks[focus]), key="layer-lines")
     if st.toggle("Explore this run's snapshots (downloads them)", key="explore"):
         snapshot_explorer(uri, row)
 
@@ -338,7 +374,7 @@ def page_policies(uri: str, rows: list[dict]) -> None:
         show_backtest(uri, done[2], by_id)
 
     st.subheader("Save and attach")
-    left, right = st.columns(2)
+    left, middle, right = st.columns(3)
     name = left.text_input("Save as (name)", key="policy-name")
     if left.button("Save", disabled=rules is None or not name, key="policy-save"):
         path = POLICY_DIR / f"{name}.yaml"
@@ -350,12 +386,48 @@ def page_policies(uri: str, rows: list[dict]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             st.success(f"saved {path}")
+    names = [f"{name}.yaml" if POLICY_NAME.fullmatch(name) else "", start]  # never a path out of POLICY_DIR
+    saved = next((POLICY_DIR / f for f in names if f and (POLICY_DIR / f).is_file()), None)
+    attach_to_config(middle, saved if saved and saved.read_text() == text else None)
+    attach_to_run(right, uri, rows, text if rules else None)
+
+
+def attach_to_config(column: DeltaGenerator, policy: Path | None) -> None:
+    """The command that runs a config with the saved policy, checked as `workbench run` checks it. The config
+    file is left as it is: `--policy` adds the rules to the config's own at launch, and the run logs all of them
+    (its config.yaml), so the pairing is recorded where it ran, without rewriting a hand-written config."""
     configs = sorted(p.name for p in POLICY_DIR.parent.glob("*.yaml"))
-    config = right.selectbox("Attach to a config", configs, key="policy-config")
-    file = f"{name or 'NAME'}.yaml"
-    right.code(
-        f"workbench run configs/{config} --policy configs/policies/{file}\n# or in a config: policies: policies/{file}"
+    config = column.selectbox("Attach to a config", configs, key="policy-config")
+    if policy is None or config is None:
+        column.caption("Save the policy (or start from a saved one, unchanged) to check it with a config.")
+        return
+    path = POLICY_DIR.parent / config
+    try:
+        rules = attach_policies(load_config(path), path, [policy]).policies
+    except WorkbenchError as exc:
+        column.error(str(exc))
+        return
+    column.code(f"workbench run {path} --policy {policy}")
+    column.caption(f"checked: the run would watch {len(rules)} rule(s), the config's and this policy's")
+
+
+def attach_to_run(column: DeltaGenerator, uri: str, rows: list[dict], text: str | None) -> None:
+    """Attach the (valid) policy to a RUNNING run: the run takes its rules at its next poll (`workbench attach`)."""
+    by_id = {r["run_id"]: r for r in rows}
+    running = [r["run_id"] for r in rows if r["status"] == "RUNNING"]
+    run_id = column.selectbox(
+        "Attach to a running run", running, format_func=lambda i: run_label(by_id[i]), key="attach-run"
     )
+    if column.button("Attach", disabled=not (text and run_id), key="attach"):
+        try:
+            artifact = attach_policy(run_id, text, uri)
+        except WorkbenchError as exc:
+            column.error(str(exc))
+            return
+        column.success(
+            f"attached (kept as {artifact}): the run takes the rules at its next poll, within "
+            f"{STOP_POLL_SECONDS:g} s or one snapshot; Live control shows the step"
+        )
 
 
 def show_backtest(uri: str, results: list, by_id: dict[str, dict]) -> None:
@@ -438,6 +510,9 @@ def show_run_state(uri: str, run_id: str) -> None:
         left.error(state["error"])
     if state["checkpoints"]:
         left.caption("checkpoints at steps " + ", ".join(map(str, state["checkpoints"])))
+    if state["attached"]:
+        attached = state["attached"]
+        left.caption(f"attached policy taken at step {attached['step']}: rules {', '.join(attached['rules'])}")
     histories = metric_histories(run_id, uri, "train/acc") | metric_histories(run_id, uri, "eval/acc")
     if histories:
         figure = px.line(long_frame(histories), x="step", y="value", color="metric", title="accuracy")
@@ -460,10 +535,10 @@ PAGE_FUNCTIONS = {
 def main() -> None:
     st.set_page_config(page_title="Training-dynamics workbench", layout="wide")
     uri = st.sidebar.text_input("Tracking URI", resolve_tracking_uri(None), key="uri")
-    asked = st.query_params.get("page", "runs")
-    page = st.sidebar.radio(
-        "Page", list(PAGES), index=list(PAGES).index(asked) if asked in PAGES else 0, format_func=PAGES.get
-    )
+    if "page" not in st.session_state:  # `?page=` opens the session; the radio (one widget, by key) goes on from there
+        asked = st.query_params.get("page", "runs")
+        st.session_state.page = asked if asked in PAGES else "runs"
+    page = st.sidebar.radio("Page", list(PAGES), format_func=PAGES.get, key="page")
     st.query_params["page"] = page
     try:
         rows = cached_run_table(uri)

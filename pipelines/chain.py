@@ -16,6 +16,7 @@ from pipelines import StageResult, stage_runner
 from workbench.config import ChainConfig, StageConfig, flatten, load_config, to_yaml
 from workbench.errors import WorkbenchError
 from workbench.policies import attach_policies
+from workbench.runtime import wait_for_everyone
 from workbench.tracking import Tracker, stage_run_tags
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def run_nested(config: StageConfig, parent: Tracker, run_name: str, config_file:
     stage's run is FAILED if it raises; its model URI is kept as the tag `workbench.model_uri`."""
     experiment = parent.client.get_experiment(parent.client.get_run(parent.run_id).info.experiment_id).name
     tags = stage_run_tags(config, config_file)
-    child = Tracker.start(
+    child = Tracker.start_on_every_rank(
         parent.tracking_uri, experiment, run_name, tags, config.tracking.flush_seconds, parent_run_id=parent.run_id
     )
     with child:
@@ -45,6 +46,7 @@ def run_nested(config: StageConfig, parent: Tracker, run_name: str, config_file:
         child.log_text(to_yaml(config), "config.yaml")
         result = stage_runner(config.stage)(config, child)
         child.set_tags({"workbench.model_uri": result.model_uri})
+    wait_for_everyone()  # under a multi-process launch the next stage's ranks load what rank 0 logged here
     return result, child.run_id
 
 

@@ -21,15 +21,25 @@ from tqdm.auto import tqdm
 
 from analysis.series import first_step_at_least, largest_change
 from pipelines import StageResult
+from workbench.checkpoint import PeriodicCheckpoints, data_identity
 from workbench.config import GrokkingConfig, GrokkingModelConfig, TaskConfig
 from workbench.instrument import Instrument
+from workbench.liveness import pending_stop_signal
 from workbench.policies import PolicyEngine
-from workbench.runtime import resolve_device
+from workbench.runtime import (
+    all_reduce_sum,
+    broadcast_flags,
+    distributed,
+    is_main_process,
+    rank_and_world,
+    resolve_device,
+)
 from workbench.snapshots import ProbeSet, choose_probe_ids
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from workbench.resume import Resumption
     from workbench.tracking import Tracker
 
 MEMORISED_ACC = 0.99  # train accuracy that counts as "memorised"
@@ -133,6 +143,33 @@ class History:
     stopped_at: int | None = None  # the step a policy (or a stop request) ended the run at
     stop_reason: str | None = None
 
+    def extended(self, later: History) -> History:
+        """This history followed by a later one (a resumed run's)."""
+        keys = sorted(self.geometry.keys() | later.geometry.keys())
+        geometry = {k: [*self.geometry.get(k, []), *later.geometry.get(k, [])] for k in keys}
+        return History(
+            self.eval_steps + later.eval_steps,
+            self.train_acc + later.train_acc,
+            self.eval_acc + later.eval_acc,
+            geometry,
+            later.stopped_at,
+            later.stop_reason,
+        )
+
+
+def _history_before(resume: Resumption) -> History:
+    """The series a resumed run logged before its checkpoint, as `train` keeps them."""
+    history = History([], [], [], {})
+    for step, metrics in resume.before_checkpoint().items():
+        if "train/acc" in metrics and "eval/acc" in metrics:
+            history.eval_steps.append(step)
+            history.train_acc.append(metrics["train/acc"])
+            history.eval_acc.append(metrics["eval/acc"])
+        for key, value in metrics.items():
+            if key.startswith("geom/"):
+                history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
+    return history
+
 
 def train(
     config: GrokkingConfig,
@@ -143,25 +180,42 @@ def train(
     device: str,
     policy: PolicyEngine | None = None,
     checkpoint: Callable[[int], None] | None = None,
+    checkpoints: PeriodicCheckpoints | None = None,
 ) -> History:
     """Full-batch AdamW; the model at step s has had s updates, and every metric at s describes it.
 
     `policy` sees every logged step's metrics; when it says so, `checkpoint(step)` saves the model, and a stop
-    ends the loop at that step, after its metrics are logged, as if it were the last step.
+    ends the loop at that step, after its metrics are logged, as if it were the last step. `checkpoints` saves
+    the whole training state (at step s: after s updates, before step s is logged) every so often and on
+    SIGINT/SIGTERM, which then end the run; a resumed loop starts at the checkpoint's step.
+
+    Under a multi-process launch `model` is DDP-wrapped and each rank trains on every world-th train pair;
+    rank 0's policy decides for all ranks, and snapshots and test metrics come from the unwrapped model.
     """
+    from accelerate.utils import extract_model_from_parallel
+
+    core = extract_model_from_parallel(model)
+    rank, world = rank_and_world()
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay, betas=config.optim.betas
     )
     warmup = config.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    start = checkpoints.restore(core, opt, schedule) if checkpoints is not None else 0
     x_train, y_train = data.inputs[data.train_ids].to(device), data.targets[data.train_ids].to(device)
+    # Scaling a rank's mean loss by its share of the batch times the number of ranks makes DDP's gradient
+    # average the full-batch gradient (up to summation order); `share` is exactly 1 for one process.
+    x_shard, y_shard = x_train[rank::world], y_train[rank::world]
+    share = len(y_shard) * world / len(y_train)
     x_test, y_test = data.inputs[data.test_ids].to(device), data.targets[data.test_ids].to(device)
     history = History([], [], [], {})
     task = config.task
-    bar = tqdm(total=config.train.max_steps, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
+    bar = tqdm(total=config.train.max_steps, initial=start, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
 
     def evaluate(step: int, logits: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
-        metrics = _evaluate(model, logits, loss, y_train, x_test, y_test, schedule.get_last_lr()[0])
+        loss_sum, correct = all_reduce_sum(loss.item() * len(y_shard), (logits.argmax(-1) == y_shard).sum().item())
+        train = {"train/loss": loss_sum / len(y_train), "train/acc": correct / len(y_train)}
+        metrics = {**train, **_evaluate(core, x_test, y_test), "lr": schedule.get_last_lr()[0]}
         log(metrics, step)
         history.eval_steps.append(step)
         history.train_acc.append(metrics["train/acc"])
@@ -174,27 +228,37 @@ def train(
         )
         return metrics
 
-    for step in range(config.train.max_steps + 1):
-        logits = model(input_ids=x_train, logits_to_keep=1).logits[:, -1]
-        loss = F.cross_entropy(logits, y_train)
-        geometry = instrument(model, step) if instrument is not None else {}  # before the bar: it shows this LID
+    for step in range(start, config.train.max_steps + 1):
+        if checkpoints is not None:
+            stop_signal = pending_stop_signal()
+            if stop_signal is not None or checkpoints.due(step):
+                checkpoints.save(step, core, opt, schedule)
+            if stop_signal is not None:
+                bar.close()
+                raise KeyboardInterrupt(f"{stop_signal}: checkpointed at step {step}")
+        logits = model(input_ids=x_shard, logits_to_keep=1).logits[:, -1]
+        loss = F.cross_entropy(logits, y_shard)
+        geometry = instrument(core, step) if instrument is not None else {}  # before the bar: it shows this LID
         for key, value in geometry.items():
             history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
         due = step % config.train.eval_every == 0 or step == config.train.max_steps
         metrics = evaluate(step, logits, loss) if due else {}
+        save = stop = False
         if policy is not None and (geometry or metrics):
             decision = policy.observe(step, {**geometry, **metrics})
-            if decision.checkpoint and checkpoint is not None:
-                checkpoint(step)
-            if decision.stop:
-                if not metrics:  # the final metrics describe the model the run ends with
-                    evaluate(step, logits, loss)
-                history.stopped_at, history.stop_reason = step, decision.reason
-                break
+            save, stop, history.stop_reason = decision.checkpoint, decision.stop, decision.reason
+        save, stop = broadcast_flags(save, stop)  # rank 0 decides for every rank: they stop at the same step
+        if save and checkpoint is not None:
+            checkpoint(step)
+        if stop:
+            if not metrics:  # the final metrics describe the model the run ends with
+                evaluate(step, logits, loss)
+            history.stopped_at = step
+            break
         if step == config.train.max_steps:
             break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         opt.step()
         schedule.step()
         bar.update()
@@ -202,25 +266,14 @@ def train(
     return history
 
 
-def _evaluate(
-    model: torch.nn.Module,
-    train_logits: torch.Tensor,
-    train_loss: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    lr: float,
-) -> dict[str, float]:
+def _evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         test_logits = model(input_ids=x_test, logits_to_keep=1).logits[:, -1]
         weight_norm = torch.sqrt(sum(p.pow(2).sum() for p in model.parameters()))
     return {
-        "train/loss": train_loss.item(),
-        "train/acc": (train_logits.argmax(-1) == y_train).float().mean().item(),
         "eval/loss": F.cross_entropy(test_logits, y_test).item(),
         "eval/acc": (test_logits.argmax(-1) == y_test).float().mean().item(),
         "weight_norm": weight_norm.item(),
-        "lr": lr,
     }
 
 
@@ -271,20 +324,39 @@ def _relative_to(step: int, reference: int) -> str:
     return f"{abs(step - reference)} steps {'before' if step < reference else 'after'}"
 
 
-def run(config: GrokkingConfig, tracker: Tracker) -> StageResult:
+def run(config: GrokkingConfig, tracker: Tracker, resume: Resumption | None = None) -> StageResult:
+    """Train and summarise; with `resume` (`workbench resume`), continue a run from its latest checkpoint."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     data = make_dataset(config.task, config.seed)
     model = build_model(config.model, vocab_size=config.task.p + 1).to(device)
     probe = make_probe_set(data, config.snapshot.probes, config.seed)
-    instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed)
+    # Rank 0 alone snapshots (the same probes, whatever the number of processes) and prints the policy's lines.
+    instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed) if is_main_process() else None
     tracker.set_tags({"workbench.device": device})
-    policy = PolicyEngine.from_config(config.policies, tracker=tracker)
+    policy = PolicyEngine.from_config(config.policies, tracker=tracker, console=is_main_process())
+    trained = model
+    if distributed():
+        from accelerate import Accelerator
+
+        trained = Accelerator(cpu=device == "cpu").prepare_model(model)  # DDP: gradients all-reduced each step
 
     def checkpoint(step: int) -> None:
         _log_model(model, tracker, f"checkpoints/step_{step:08d}")
 
-    history = train(config, model, data, tracker.log_metrics, instrument, device, policy, checkpoint)
+    checkpoints = None  # multi-process runs are not checkpointed for resume yet (docs/resume.md)
+    if not distributed():
+        extra = (lambda: {"instrument": instrument.state()}) if instrument is not None else None
+        data_id = data_identity(data.train_ids, data.test_ids)
+        resume_from = resume.checkpoint if resume is not None else None
+        checkpoints = PeriodicCheckpoints(tracker, config.train.checkpoint_every, data_id, resume_from, extra)
+    if resume is not None:
+        resume.replay(policy)
+        if instrument is not None:
+            instrument.restore(resume.checkpoint.extra["instrument"])
+    history = train(config, trained, data, tracker.log_metrics, instrument, device, policy, checkpoint, checkpoints)
+    if resume is not None:
+        history = _history_before(resume).extended(history)
     policy.finish()
     facts, summary = summarize(history)
     tracker.log_metrics(facts, history.eval_steps[-1])  # the last step trained, whether stopped early or not

@@ -92,7 +92,7 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
             report_to="none",
             seed=config.seed,
             use_cpu=device == "cpu",
-            bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+            bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
             gradient_checkpointing=False,
             dataloader_num_workers=0,
         )

@@ -97,7 +97,9 @@ def run(config: PPOConfig, tracker: Tracker) -> StageResult:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (train.warmup_steps + 1)))
     prompts = [row["prompt"] for row in task.rl_prompts()]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(
+        "cuda", torch.bfloat16, enabled=device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    )
 
     stats: dict[str, list[float]] = defaultdict(list)  # since the last log; logged as means, as TRL does
     checks: dict[int, dict[str, float]] = {}  # step -> the gold check of the policy at that step

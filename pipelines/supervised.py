@@ -52,7 +52,7 @@ def training_arguments(
         report_to="none",
         seed=config.seed,
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         disable_tqdm=False,
         **extra,

@@ -10,22 +10,38 @@ import numpy as np
 import pytest
 from conftest import DEFAULT_CONFIG, TINY_GROKKING
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from streamlit.testing.v1 import AppTest
 
+from workbench import runs
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.policies import parse_policy
-from workbench.runs import bulk_metric_histories, metric_histories
+from workbench.runs import bulk_metric_histories, continual_histories, metric_histories, run_table
 from workbench.snapshots import load_snapshots
 from workbench.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTINUAL_CONFIG = str(ROOT / "configs" / "tod_continual.yaml")
+TINY_CONTINUAL = [  # two domains of two PPO iterations each, a snapshot at every step
+    "continual.domains=[restaurant,hotel]",
+    "train.max_steps=2",
+    "train.eval_every=1",
+    "env.eval_dialogues=5",
+    "ppo.num_envs=2",
+    "ppo.num_steps=16",
+    "policy.hidden_size=16",
+    "snapshot.every=1",
+    "snapshot.probes=30",
+    "tracking.run_name=continual",
+]
 STOPS_AT_FIRST_EVAL = "- name: done\n  when: {metric: eval/acc, mode: max, stopping_threshold: 0}\n  actions: [stop]\n"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Runs of every kind the pages show: with geometry, without, live, stopped by the user, deleted."""
+    """Runs of every kind the pages show: with geometry, without, a continual run (a parent and a nested run per
+    domain), live, stopped by the user, deleted."""
     directory = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     cwd = os.getcwd()
@@ -34,8 +50,9 @@ def store(tmp_path_factory):
         ids = {}
         for name, extra in (("geometry", []), ("plain", ["snapshot.enabled=false"])):
             assert main(["run", DEFAULT_CONFIG, *TINY_GROKKING, *extra, f"tracking.run_name={name}"]) == 0
+        assert main(["run", CONTINUAL_CONFIG, *TINY_CONTINUAL]) == 0
         client = MlflowClient(uri)
-        for run in client.search_runs([client.get_experiment_by_name("grokking").experiment_id]):
+        for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
             ids[run.info.run_name] = run.info.run_id
         live = Tracker.start(uri, "grokking", "live", {"workbench.stage": "grokking"})
         live.log_metrics({"eval/acc": 0.1, "train/acc": 0.2}, 0)
@@ -83,8 +100,8 @@ def texts(elements) -> list[str]:
 
 def test_runs_page_lists_every_live_run_and_filters_by_status(store, monkeypatch):
     app = open_page(store, monkeypatch, "runs")
-    assert len(app.dataframe[0].value) == 4  # the deleted run is not listed
-    assert "4 of 4 runs; refreshing every 2 s" in texts(app.caption)  # a live run: the table refreshes
+    assert len(app.dataframe[0].value) == 7  # the deleted run is not listed; the continual run's domains are
+    assert "7 of 7 runs; refreshing every 2 s" in texts(app.caption)  # a live run: the table refreshes
     app.multiselect(key="filter-status").set_value(["KILLED"]).run()
     table = app.dataframe[0].value
     assert list(table["name"]) == ["stopped"] and list(table["stop_reason"]) == ["stop requested"]
@@ -110,12 +127,54 @@ def test_geometry_heatmap_has_a_row_per_layer_and_a_column_per_snapshot(store, m
     ids = store[2]
     app = open_page(store, monkeypatch, "geometry", runs=ids["geometry"])
     heatmap, lines = figures(app)
-    assert heatmap["data"][0]["type"] == "heatmap"
-    assert heatmap["data"][0]["y"] == ["layer_00", "layer_01"] and heatmap["data"][0]["x"] == [0, 10, 20]
-    assert heatmap["data"][0]["z"]["shape"].replace(" ", "") == "2,3"  # layers x snapshots, as numpy sent it
-    assert "2 layers × 3 snapshots" in heatmap["layout"]["annotations"][0]["text"]  # the run's subplot title
+    [trace] = heatmap["data"]
+    short = ids["geometry"][:8]
+    assert trace["type"] == "heatmap" and trace["x"] == [0, 10, 20]
+    title, *layers = trace["y"]  # a blank row naming the run, then a row per layer
+    assert "2 layers × 3 snapshots" in title and layers == [f"layer_00 · {short}", f"layer_01 · {short}"]
+    assert trace["z"]["shape"].replace(" ", "") == "3,3"  # rows x snapshots, as numpy sent it
+    assert np.isnan(values(trace["z"])[:3]).all() and not np.isnan(values(trace["z"])[3:]).any()
+    assert heatmap["layout"]["yaxis"]["ticktext"][1:] == ["layer_00", "layer_01"]
     assert {trace["name"] for trace in lines["data"]} == {"layer_00", "layer_01"}
     assert "eff_rank" in app.selectbox[0].options
+
+
+def test_heatmap_stacks_runs_in_bands_with_each_runs_markers_across_its_own_band(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "geometry", runs=f"{ids['geometry']},{ids['continual']}")
+    heatmap = figures(app)[0]
+    rows = heatmap["data"][0]["y"]
+    second = next(i for i, row in enumerate(rows) if i > 0 and "snapshots" in row)  # the continual run's title row
+    assert second == 3 and len(heatmap["data"]) == 1
+    switches = [s for s in heatmap["layout"]["shapes"] if s["y0"] == second + 0.5]
+    assert switches and all(s["y1"] == len(rows) - 0.5 for s in switches)  # down to the band's last layer only
+
+
+def test_continual_run_geometry_is_joined_across_domain_switches(store, monkeypatch):
+    _, uri, ids = store
+    client = MlflowClient(uri)
+    nested = client.search_runs(
+        [client.get_run(ids["continual"]).info.experiment_id], f"tags.mlflow.parentRunId = '{ids['continual']}'"
+    )
+    domains = sorted(nested, key=lambda r: r.data.tags["tod.stage_index"])
+    per_domain = [metric_histories(r.info.run_id, uri, "geom/lid_twonn/") for r in domains]
+    joined, switches = continual_histories(ids["continual"], "geom/lid_twonn/", uri)
+    for key, (steps, vals) in joined.items():
+        assert steps == [s for h in per_domain for s in h[key][0]] and vals == [
+            v for h in per_domain for v in h[key][1]
+        ]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)  # the domains share one step count
+    assert switches == [
+        (h["geom/lid_twonn/" + "layer_00"][0][0], f"domain {d}")
+        for h, d in zip(per_domain, ("restaurant", "hotel"), strict=True)
+    ]
+
+    app = open_page(store, monkeypatch, "geometry", runs=ids["continual"])  # the parent run has no geom/ itself
+    heatmap, lines = figures(app)
+    assert heatmap["data"][0]["x"] == sorted({s for h in per_domain for s, _ in h.values() for s in s})
+    marks = {(a["x"], a["text"]) for a in heatmap["layout"]["annotations"]}
+    assert set(switches) <= marks and {s["x0"] for s in heatmap["layout"]["shapes"]} >= {s for s, _ in switches}
+    assert {a["text"] for a in lines["layout"]["annotations"]} >= {"domain restaurant", "domain hotel"}
 
 
 def test_snapshot_explorer_projects_every_point_of_the_chosen_step(store, monkeypatch):
@@ -137,6 +196,18 @@ def test_bulk_histories_equal_the_per_key_mlflow_calls(store):
         bulk = bulk_metric_histories(runs, prefix, uri)
         assert bulk == {run_id: metric_histories(run_id, uri, prefix) for run_id in runs}
     assert len(bulk[ids["geometry"]]["geom/eff_rank/layer_01"][0]) == 3 and bulk[ids["plain"]] == {}
+
+
+def test_bulk_histories_fall_back_on_the_public_api_if_mlflows_table_model_changes(store, monkeypatch):
+    import mlflow.store.tracking.dbmodels.models as models
+
+    _, uri, ids = store
+    expected = bulk_metric_histories([ids["geometry"]], "geom/", uri)
+    public_calls = []
+    monkeypatch.setattr(runs, "metric_histories", lambda *a: public_calls.append(a) or metric_histories(*a))
+    monkeypatch.setattr(models, "SqlMetric", type("Renamed", (), {}))  # a model without the columns read
+    assert bulk_metric_histories([ids["geometry"]], "geom/", uri) == expected
+    assert public_calls == [(ids["geometry"], uri, "geom/")]
 
 
 def test_geometry_page_on_a_run_without_geometry_says_so(store, monkeypatch):
@@ -182,6 +253,51 @@ def test_a_policy_is_saved_under_configs_policies_and_a_bad_name_refused(store, 
     assert saved.read_text() == STOPS_AT_FIRST_EVAL and parse_policy(saved.read_text())[0].name == "done"
 
 
+def test_a_saved_policy_is_checked_with_a_config_and_shown_as_the_run_command(store, monkeypatch):
+    configs = store[0] / "configs"
+    (configs / "policies").mkdir(parents=True, exist_ok=True)
+    grokking = (ROOT / "configs" / "grokking.yaml").read_text()
+    (configs / "grokking.yaml").write_text(grokking)
+    (configs / "clash.yaml").write_text(
+        grokking + "policies:\n- {name: done, when: {metric: m, above: 1}, actions: [alert]}\n"
+    )
+    policy = "- name: done\n  when: {metric: eval/acc, above: 0.99}\n  actions: [stop]\n"  # no other test saves it
+    app = open_page(store, monkeypatch, "policies")
+    app.text_area[0].set_value(policy).run()
+    assert "Save the policy" in texts(app.caption)[0]  # nothing saved yet: nothing to pair
+    app.text_input(key="policy-name").set_value("for-config").run()
+    app.button(key="policy-save").click().run()
+    app.selectbox(key="policy-config").set_value("grokking.yaml").run()
+    assert texts(app.code) == ["workbench run configs/grokking.yaml --policy configs/policies/for-config.yaml"]
+    app.selectbox(key="policy-config").set_value("clash.yaml").run()  # the config has a rule named 'done' too
+    assert texts(app.error) == [
+        "configs/policies/for-config.yaml: rule 'done': name: already a rule of configs/clash.yaml: policies"
+    ]
+
+
+def test_a_policy_is_attached_to_a_running_run_from_the_page(store, monkeypatch):
+    _, uri, ids = store
+    app = open_page(store, monkeypatch, "policies")
+    app.text_area[0].set_value(STOPS_AT_FIRST_EVAL).run()
+    target = app.selectbox(key="attach-run")
+    assert target.value == ids["live"] and len(target.options) == 1  # running runs only
+    app.button(key="attach").click().run()
+    assert "the run takes the rules at its next poll" in texts(app.success)[-1]
+    client = MlflowClient(uri)
+    assert (
+        json.loads(client.get_run(ids["live"]).data.tags["workbench.attached_policy"])["policy"] == STOPS_AT_FIRST_EVAL
+    )
+    [kept] = client.list_artifacts(ids["live"], "policies")
+    assert Path(client.download_artifacts(ids["live"], kept.path, str(store[0]))).read_text() == STOPS_AT_FIRST_EVAL
+
+
+def test_live_page_says_where_a_run_took_an_attached_policy(store, monkeypatch):
+    tag = json.dumps({"step": 30, "rules": ["done"]})  # what the run's engine sets when it takes the rules
+    MlflowClient(store[1]).set_tag(store[2]["plain"], "workbench.attached_policy_applied", tag)
+    app = open_page(store, monkeypatch, "live", run=store[2]["plain"])
+    assert "attached policy taken at step 30: rules done" in texts(app.caption)
+
+
 def test_live_page_stops_a_running_run_and_shows_why_a_run_stopped(store, monkeypatch):
     ids = store[2]
     app = open_page(store, monkeypatch, "live", run=ids["stopped"])
@@ -214,6 +330,38 @@ def test_an_unreachable_tracking_server_is_a_message(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not app.exception and "cannot reach MLflow server" in app.error[0].value
+
+
+@pytest.mark.slow
+def test_the_geometry_page_reads_an_mlflow_server_through_the_public_api(mlflow_server, tmp_path, monkeypatch):
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("served")
+    logged = {}
+    for name, offset in (("a", 0.0), ("b", 1.0)):
+        run = client.create_run(experiment, run_name=name, tags={"workbench.stage": "grokking"})
+        metrics = [Metric(f"geom/lid_twonn/layer_{i:02d}", offset + i + s / 10, 0, s) for i in range(3) for s in (0, 5)]
+        client.log_batch(run.info.run_id, metrics=[*metrics, Metric("grokking/grokking_step", 5.0, 0, 5)])
+        client.set_terminated(run.info.run_id)
+        logged[run.info.run_id] = metrics
+    expected = {
+        run_id: {
+            f"geom/lid_twonn/layer_{i:02d}": ([0, 5], [float(m.value) for m in metrics if m.key.endswith(f"_{i:02d}")])
+            for i in range(3)
+        }
+        for run_id, metrics in logged.items()
+    }
+    assert bulk_metric_histories(list(logged), "geom/lid_twonn/", mlflow_server) == expected
+    assert [row["name"] for row in run_table(mlflow_server, "served")] == ["b", "a"]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    app.query_params.update(page="geometry", runs=",".join(logged))
+    app.run()
+    assert not app.exception and not app.error
+    heatmap = figures(app)[0]
+    assert len(heatmap["data"][0]["y"]) == 2 * (1 + 3) and heatmap["data"][0]["x"] == [0, 5]
+    assert [a["text"] for a in heatmap["layout"]["annotations"]] == ["grokking", "grokking"]  # each run's landmark
 
 
 def test_app_on_an_empty_store_says_how_to_start(tracking_uri, monkeypatch):

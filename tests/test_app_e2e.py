@@ -147,7 +147,11 @@ def test_every_page_in_a_browser_and_stop_ends_a_live_run_killed(run_grokking, l
     with screenshot_on_failure(page, tmp_path / "geometry.png"):
         page.goto(f"{app_url}/?page=geometry&runs={finished}")
         page.get_by_text("2 layers × 3 snapshots").first.wait_for(timeout=WAIT_MS)
-        assert heatmap_shapes(page) == [[2, 3]]
+        assert heatmap_shapes(page) == [[3, 3]]  # a row naming the run, a row per layer; a column per snapshot
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        for name in ("Runs", "Geometry"):  # moving between pages in the app, without a page load
+            sidebar.get_by_text(name, exact=True).click()
+            page.get_by_role("heading", name=name).wait_for(timeout=WAIT_MS)
 
     with screenshot_on_failure(page, tmp_path / "policies.png"):
         page.goto(f"{app_url}/?page=policies&runs={finished}")
@@ -160,9 +164,15 @@ def test_every_page_in_a_browser_and_stop_ends_a_live_run_killed(run_grokking, l
         page.get_by_text("valid: 1 rule(s)").wait_for(timeout=WAIT_MS)
         page.get_by_role("button", name="Backtest").click()
         page.get_by_text("stop: 100% saved").wait_for(timeout=WAIT_MS)  # stopped at step 0 of 20
+        editor.fill("- name: watch\n  when: {metric: eval/acc, above: 2}\n  actions: [alert]\n")  # never fires
+        editor.press("Control+Enter")
+        page.get_by_text("valid: 1 rule(s): watch").wait_for(timeout=WAIT_MS)
+        page.get_by_role("button", name="Attach", exact=True).click()  # to the one running run, the live one
+        page.get_by_text("the run takes the rules at its next poll").wait_for(timeout=WAIT_MS)
 
     with screenshot_on_failure(page, tmp_path / "live.png"):
         page.goto(f"{app_url}/?page=live&run={live_run}")
+        page.get_by_text("attached policy taken at step").wait_for(timeout=WAIT_MS)  # read back from the run
         page.get_by_role("button", name="Checkpoint now", exact=True).click(timeout=WAIT_MS)
         page.get_by_text("checkpoints at steps").wait_for(timeout=WAIT_MS)  # saved by the run, read back
         page.get_by_role("button", name="Stop run", exact=True).click(timeout=WAIT_MS)

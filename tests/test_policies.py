@@ -211,8 +211,8 @@ def test_a_stop_request_is_polled_at_most_every_poll_interval():
     slow = engine(tracker=tracker, stop_poll_seconds=3600)
     slow.observe(0, {"m": 1.0})
     tracker.tags["workbench.stop_requested"] = "now"
-    # One poll reads the stop and the checkpoint tag; the next poll is an hour away.
-    assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 2
+    # One poll reads the stop, the checkpoint and the attached-policy tag; the next poll is an hour away.
+    assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 3
     decision = engine(tracker=tracker, stop_poll_seconds=0).observe(1, {"m": 1.0})
     assert decision.stop and decision.checkpoint and decision.reason == "stop requested"
     assert tracker.tags["workbench.stopped_at_step"] == "1"
@@ -235,6 +235,84 @@ def test_a_stop_request_is_not_held():
     tracker.tags["workbench.stop_requested"] = "now"
     policy = engine(HOLD, forecasters=[WindowForecaster(0, 100)], tracker=tracker, stop_poll_seconds=0)
     assert policy.observe(0, {"m": 1.0}).stop
+
+
+def attached(text):
+    """The tag value `attach_policy` writes for a policy's YAML text."""
+    return json.dumps({"requested": "now", "policy": text})
+
+
+def test_an_attached_policy_is_taken_at_the_next_poll_and_replaces_a_rule_of_its_name():
+    tracker = FakeTracker()
+    policy = engine(PLATEAU_STOP, tracker=tracker, stop_poll_seconds=0)
+    assert not policy.observe(0, {"eval/acc": 0.1, "train/loss": 3.0}).stop
+    # Patience 5 replaces 'plateau' (patience 2, which would stop at step 2); 'loss-low' is new.
+    tracker.tags["workbench.attached_policy"] = attached(
+        "- {name: plateau, when: {metric: eval/acc, mode: max, patience: 5}, actions: [stop]}\n"
+        "- {name: loss-low, when: {metric: train/loss, below: 1.0}, actions: [alert]}\n"
+    )
+    taken = policy.observe(1, {"eval/acc": 0.1, "train/loss": 2.0})
+    assert taken.alerts == ["policy, step 1: attach: attached policy taken: plateau, loss-low (replacing plateau)"]
+    assert json.loads(tracker.tags["workbench.attached_policy_applied"]) == {
+        "step": 1,
+        "rules": ["loss-low", "plateau"],
+    }
+    stops = [step for step in range(2, 12) if policy.observe(step, {"eval/acc": 0.1, "train/loss": 0.5}).stop]
+    assert stops[0] == 7  # the attached patience counts from the step it was taken at: 5 evaluations after step 2
+    assert [f.step for f in policy.firings if f.kind == "alert" and f.name == "loss-low"][0] == 2
+    assert [f.kind for f in policy.firings].count("attach") == 1  # the same tag value, polled ten times, taken once
+
+
+def test_an_attached_policy_the_run_cannot_take_is_refused_with_an_alert():
+    tracker = FakeTracker()
+    policy = engine(tracker=tracker, stop_poll_seconds=0)  # a run without forecasters: no grokking_forecast event
+    hold = "- {name: h, when: {event: grokking_forecast}, actions: [hold]}\n"
+    tracker.tags["workbench.attached_policy"] = attached(hold)
+    [alert] = policy.observe(0, {"m": 1.0}).alerts
+    assert "attached policy refused: attached policy: rule 'h' (#1): when.event: unknown event" in alert
+    assert policy.rules == [] and "workbench.attached_policy_applied" not in tracker.tags
+
+
+def test_workbench_attach_stops_a_live_run_with_the_attached_rule(tracking_uri, run_grokking, monkeypatch, capsys):
+    monkeypatch.setattr(policies, "STOP_POLL_SECONDS", 0.0)
+    client, real_evaluate, calls = MlflowClient(tracking_uri), grokking._evaluate, []
+    policy = Path(tracking_uri.removeprefix("sqlite:///")).parent / "attached.yaml"
+    policy.write_text(
+        "- {name: any-eval, when: {metric: eval/acc, mode: max, stopping_threshold: 0}, actions: [stop]}\n"
+    )
+
+    def attach_from_another_terminal_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            [running] = client.search_runs([client.get_experiment_by_name("grokking").experiment_id])
+            assert main(["attach", running.info.run_id, str(policy), "--tracking-uri", tracking_uri]) == 0
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(grokking, "_evaluate", attach_from_another_terminal_at_step_5)
+    run = run_grokking("snapshot.enabled=false")
+    # Without the attached rule the run trains its 20 steps; with it, it stops at the first eval after the poll.
+    assert run.info.status == "FINISHED" and run.data.tags["workbench.stopped_at_step"] == "10"
+    assert run.data.tags["workbench.stop_reason"].startswith("rule 'any-eval': eval/acc = ")
+    assert json.loads(run.data.tags["workbench.attached_policy_applied"]) == {"step": 5, "rules": ["any-eval"]}
+    [artifact] = client.list_artifacts(run.info.run_id, "policies")
+    assert client.download_artifacts(run.info.run_id, artifact.path, str(policy.parent / "dl")).endswith(".yaml")
+    assert "attached to run" in capsys.readouterr().out
+    assert main(["attach", run.info.run_id, str(policy), "--tracking-uri", tracking_uri]) == 2
+    assert "is FINISHED, not RUNNING; nothing to attach a policy to" in capsys.readouterr().err
+
+
+def test_attach_refuses_a_broken_policy_before_looking_for_the_run(tracking_uri, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {name: p, when: {metric: eval/acc, patiense: 3}, actions: [stop]}\n")
+    assert main(["attach", "0123abcd", str(bad), "--tracking-uri", tracking_uri]) == 2
+    assert capsys.readouterr().err == f"workbench: error: {bad}: line 1: rule 'p' (#1): when.patiense: unknown key\n"
+    assert not (tmp_path / "mlflow.db").exists()  # not even a store was opened
+
+
+def test_a_policy_too_long_for_a_tag_is_refused_rather_than_truncated(tracking_uri):
+    text = "".join(f"- {{name: r{i}, when: {{metric: eval/acc, above: 0.5}}, actions: [alert]}}\n" for i in range(100))
+    with pytest.raises(WorkbenchError, match=r"^big.yaml: \d+ characters, too long to attach"):
+        policies.attach_policy("0123abcd", text, tracking_uri, "big.yaml")
 
 
 def test_an_error_inside_a_rule_becomes_an_alert_and_disables_the_rule():
@@ -361,7 +439,7 @@ def test_the_example_policy_stops_a_plateau_unless_grokking_is_forecast():
 
 
 def test_policy_verbs_have_help():
-    for verb in ("backtest", "stop", "events"):
+    for verb in ("backtest", "stop", "attach", "events"):
         out = subprocess.run([sys.executable, "-m", "workbench.cli", verb, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: workbench " + verb in out.stdout
 

@@ -16,7 +16,7 @@ from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
 from workbench.geometry import FEATURE_METRICS, compute_geometry
 from workbench.snapshots import load_snapshots
-from workbench.tracking import Tracker, open_store
+from workbench.tracking import Tracker, open_run
 
 
 @dataclass
@@ -42,14 +42,8 @@ def analyze_run(
     settings: SnapshotConfig | None = None,
 ) -> AnalyzeReport:
     """Compute `features` on every snapshot of `run_id` (all layers unless `layers`) and log them to it."""
-    from mlflow.exceptions import MlflowException
-
     settings = settings or SnapshotConfig()
-    client, uri = open_store(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise WorkbenchError(f"run {run_id}: not found in {uri}") from None
+    client, run, uri = open_run(run_id, tracking_uri)  # never creates a store for a mistyped URI
     snaps = load_snapshots(run_id, uri)
     names = _select_layers(layers, list(snaps.layers))
     done = {

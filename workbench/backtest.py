@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from workbench.policies import (
     Rule,
     load_rules,
 )
-from workbench.runs import metric_histories
-from workbench.tracking import metric_key, open_run, open_store
+from workbench.runs import bulk_metric_histories, metric_histories
+from workbench.tracking import metric_key, open_run, open_store, resolve_tracking_uri
 
+RUN_ID = re.compile(r"[0-9a-f]{1,64}")
 BUDGET_PARAM = "train.max_steps"  # the step budget every stage config has
 
 
@@ -191,20 +193,21 @@ class RunEvent:
 
 def run_events(run_id: str, tracking_uri: str | None = None) -> list[RunEvent]:
     """The run's `event/*` metrics and its alert/stop tags, in step order."""
-    client, run, _ = open_run(run_id, tracking_uri)
-    return _events(client, run)
+    _, run, _ = open_run(run_id, tracking_uri)
+    return _events(run, metric_histories(run_id, tracking_uri, "event/", keys=run.data.metrics))
 
 
-def _events(client: Any, run: Any) -> list[RunEvent]:
-    run_id, tags = run.info.run_id, run.data.tags
+def _events(run: Any, histories: dict[str, tuple[list, list]]) -> list[RunEvent]:
+    """The events of a run given the histories of its `event/*` metrics."""
+    tags = run.data.tags
     events = []
-    for key in sorted(k for k in run.data.metrics if k.startswith("event/")):
+    for key in sorted(histories):
         name = key.removeprefix("event/")
         forecast, alert = tags.get(EVENT_TAG_PREFIX + name), tags.get(ALERT_TAG_PREFIX + name)
         latest = json.loads(forecast or alert or "{}")  # the tag holds the latest firing's details
-        for point in client.get_metric_history(run_id, key):
-            details = _details(latest) if latest.get("step") == point.step else ""
-            events.append(RunEvent(point.step, "forecast" if forecast else "alert", name, details))
+        for step in histories[key][0]:
+            details = _details(latest) if latest.get("step") == step else ""
+            events.append(RunEvent(step, "forecast" if forecast else "alert", name, details))
     if STOP_REASON_TAG in tags:
         at = tags.get(STOPPED_AT_TAG)
         events.append(RunEvent(int(at) if at else None, "stop", "", tags[STOP_REASON_TAG]))
@@ -219,19 +222,35 @@ def _details(latest: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in latest.items() if k != "step")
 
 
-def run_landmarks(run_id: str, tracking_uri: str | None = None) -> list[tuple[int, str]]:
-    """(step, label) of what happened in a run, for markers on its plots: memorisation and grokking (the
-    stage's `grokking/<name>_step` facts), forecasts, policy alerts and the stop."""
-    client, run, _ = open_run(run_id, tracking_uri)
-    marks = [
-        (int(value), key.removeprefix("grokking/").removesuffix("_step"))
-        for key, value in run.data.metrics.items()
-        if key.startswith("grokking/") and key.endswith("_step")
-    ]
-    for event in _events(client, run):
-        if event.step is not None:
-            marks.append((event.step, f"{event.kind} {event.name}".strip()))
-    return sorted(marks)
+def runs_landmarks(run_ids: Sequence[str], tracking_uri: str | None = None) -> dict[str, list[tuple[int, str]]]:
+    """Run id -> (step, label) of what happened in the run, for markers on its plots: memorisation and grokking
+    (the stage's `grokking/<name>_step` facts), forecasts, policy alerts and the stop. One search reads the runs
+    and one query their events, however many runs (the Geometry page marks 20)."""
+    for run_id in run_ids:
+        if not RUN_ID.fullmatch(run_id):  # the ids go into a search filter
+            raise WorkbenchError(f"run {run_id}: not a run id (hexadecimal)")
+    if not run_ids:
+        return {}
+    client, _ = open_store(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    runs = client.search_runs(experiments, f"attributes.run_id IN ({quoted})", max_results=len(run_ids))
+    events = bulk_metric_histories([run.info.run_id for run in runs], "event/", tracking_uri)
+    found = {}
+    for run in runs:
+        marks = [
+            (int(value), key.removeprefix("grokking/").removesuffix("_step"))
+            for key, value in run.data.metrics.items()
+            if key.startswith("grokking/") and key.endswith("_step")
+        ]
+        marks += [
+            (e.step, f"{e.kind} {e.name}".strip()) for e in _events(run, events[run.info.run_id]) if e.step is not None
+        ]
+        found[run.info.run_id] = sorted(marks)
+    missing = [run_id for run_id in run_ids if run_id not in found]
+    if missing:
+        raise WorkbenchError(f"run {missing[0]}: not found, or deleted, in {resolve_tracking_uri(tracking_uri)}")
+    return found
 
 
 def unlogged_metrics(

@@ -32,6 +32,7 @@ from workbench.config import (
 )
 from workbench.errors import WorkbenchError
 from workbench.instrument import Instrument
+from workbench.runtime import broadcast_flags, distributed
 from workbench.snapshots import ProbeSet, choose_probe_ids
 from workbench.tracking import Tracker
 
@@ -48,22 +49,6 @@ RENAMED_KEYS = {
     "train_loss": "train/mean_loss",  # the mean over the whole run, logged once at the end
 }
 PROBE_MAX_TOKENS = 128  # longer probes are truncated: snapshots are about geometry, not long contexts
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast_from_rank_0(*flags: bool) -> list[bool]:
-    import torch
-    import torch.distributed as dist
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL only moves GPU tensors
-    shared = torch.tensor(flags, dtype=torch.uint8, device=device)
-    dist.broadcast(shared, src=0)
-    return [bool(v) for v in shared.tolist()]
 
 
 def workbench_metric_name(key: str) -> str:
@@ -231,10 +216,10 @@ class WorkbenchCallback(TrainerCallback):
         reaches: a rank that stopped alone would leave the others waiting in their next all-reduce.
         """
         save, stop = self._save_pending, self._stop_pending
-        if _distributed():
+        if distributed():
             if not every_rank:
                 return  # a decision made in on_log (rank 0 only) waits for the next step end
-            save, stop = _broadcast_from_rank_0(save, stop)
+            save, stop = broadcast_flags(save, stop)
         control.should_save |= save
         control.should_training_stop |= stop
         self._save_pending = False

@@ -1,4 +1,5 @@
-"""The `workbench` command line. Exit codes: 0 success, 2 bad input (one line), 1 a failed run, 130 Ctrl-C.
+"""The `workbench` command line. Exit codes: 0 success, 2 bad input (one line), 1 a failed run, 130 Ctrl-C
+(SIGINT), 143 SIGTERM.
 
 Heavy imports happen inside the verbs so `workbench --help` answers at once.
 """
@@ -23,41 +24,93 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = attach_policies(config, args.config, args.policy)  # a bad policy refuses the run before it starts
 
     from pipelines import stage_runner
-    from workbench.runtime import configure_torch_threads
+    from workbench.runtime import (
+        configure_torch_threads,
+        is_main_process,
+        join_process_group,
+        resolve_device,
+        wait_for_everyone,
+    )
     from workbench.tracking import Tracker, stage_run_tags
 
     configure_torch_threads()
+    join_process_group(resolve_device(config.device))  # under `accelerate launch`: one process per rank
     runner = stage_runner(config.stage)
     tags = stage_run_tags(config, str(args.config))
     started = time.monotonic()
-    tracker = Tracker.start(
+    tracker = Tracker.start_on_every_rank(
         config.tracking.uri,
         config.tracking.experiment,
         config.tracking.run_name,
         tags,
         config.tracking.flush_seconds,
     )
-    print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
-    try:
+    if not is_main_process():
         with tracker:
+            runner(config, tracker)
+        wait_for_everyone()
+        return 0  # rank 0 reports for every rank
+    print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
+    from workbench.liveness import StopSignals
+
+    signals = StopSignals()  # SIGINT/SIGTERM: checkpoint, KILLED, exit 130/143 (docs/resume.md)
+    try:
+        with signals, tracker:
             tracker.log_params(flatten(config))
             tracker.log_text(to_yaml(config), "config.yaml")
             result = runner(config, tracker)
+        wait_for_everyone()
     except WorkbenchError:
         raise
     except KeyboardInterrupt:
         print(f"\nrun {tracker.run_id} interrupted: marked KILLED, everything logged so far is kept", file=sys.stderr)
-        return 130
+        return signals.exit_code
     except Exception as exc:
         traceback.print_exc()
         print(f"workbench: run {tracker.run_id} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s")
-    for line in result.summary:
+    _print_result(result.summary, tracker.tracking_uri)
+    return 0
+
+
+def _print_result(summary: list[str], tracking_uri: str) -> None:
+    for line in summary:
         print(f"  {line}")
     print("look at it:")
-    for line in _viewing_commands(tracker.tracking_uri):
+    for line in _viewing_commands(tracking_uri):
         print(f"  {line}")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from workbench.liveness import StopSignals
+    from workbench.resume import reopen_run
+    from workbench.runtime import configure_torch_threads
+
+    configure_torch_threads()
+    opened = reopen_run(args.run_id, args.tracking_uri, args.force)
+    tracker, step = opened.tracker, opened.resumption.checkpoint.step
+    print(f"run {tracker.run_id} ({opened.was}) resumed from its checkpoint at step {step}")
+    started = time.monotonic()
+    signals = StopSignals()
+    try:
+        with signals, tracker:
+            result = opened.runner(opened.config, tracker, resume=opened.resumption)
+    except WorkbenchError:
+        raise
+    except KeyboardInterrupt:
+        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, resumable again", file=sys.stderr)
+        return signals.exit_code
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"workbench: run {tracker.run_id} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s after the resume")
+    print(
+        f"  {tracker.recomputed} values logged before the crash were recomputed, not logged again; "
+        f"largest difference {tracker.max_difference:.3g}"
+    )
+    _print_result(result.summary, tracker.tracking_uri)
     return 0
 
 
@@ -116,6 +169,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     uri = request_stop(args.run_id, args.tracking_uri)
     print(f"stop requested for run {args.run_id} in {uri}: it checkpoints and ends at its next step boundary")
     print(f"(runs poll for requests every {STOP_POLL_SECONDS:g} s)")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from workbench.policies import STOP_POLL_SECONDS, attach_policy
+
+    try:
+        text = args.policy.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"{args.policy}: cannot read policy: {exc.strerror or exc}") from None
+    artifact = attach_policy(args.run_id, text, args.tracking_uri, str(args.policy))
+    print(f"policy {args.policy} attached to run {args.run_id} (kept as its artifact {artifact})")
+    print(f"the run takes its rules at its next poll (every {STOP_POLL_SECONDS:g} s and at every snapshot)")
     return 0
 
 
@@ -203,6 +269,31 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("run_id", metavar="RUN_ID")
     _add_tracking_uri(stop)
     stop.set_defaults(handler=cmd_stop)
+
+    attach = verbs.add_parser(
+        "attach",
+        help="attach a policy to a running run: it takes the rules at its next poll",
+        description="Validate a policy and attach it to a RUNNING run (the tag workbench.attached_policy, and the "
+        "artifact policies/attached_<time>.yaml); the run's engine takes the rules at its next poll, an attached "
+        "rule replacing the run's rule of the same name.",
+    )
+    attach.add_argument("run_id", metavar="RUN_ID")
+    attach.add_argument("policy", type=Path, metavar="POLICY", help="YAML list of rules (docs/policies.md)")
+    _add_tracking_uri(attach)
+    attach.set_defaults(handler=cmd_attach)
+
+    resume = verbs.add_parser(
+        "resume",
+        help="continue a killed or crashed run from its latest checkpoint, in the same MLflow run",
+        description="Reopen a KILLED or FAILED run (or a RUNNING one whose process is gone), load its latest "
+        "checkpoint and train on to train.max_steps with the same step numbering; docs/resume.md.",
+    )
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument(
+        "--force", action="store_true", help="take over a RUNNING run whose host cannot be checked from here"
+    )
+    _add_tracking_uri(resume)
+    resume.set_defaults(handler=cmd_resume)
 
     events = verbs.add_parser("events", help="list a run's forecaster events, policy alerts and stops in step order")
     events.add_argument("run_id", metavar="RUN_ID")

@@ -139,8 +139,18 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up.")
 
 
+class GrokkingTrainConfig(TrainConfig):
+    checkpoint_every: int = Field(
+        200,
+        ge=0,
+        description="Save the full training state (resume/, docs/resume.md) every N steps, for `workbench resume`; "
+        "only the latest is kept. 0: never (a SIGINT/SIGTERM still saves one).",
+    )
+
+
 class GrokkingConfig(StageConfig):
     stage: Literal["grokking"] = "grokking"
+    train: GrokkingTrainConfig = GrokkingTrainConfig()
     task: TaskConfig = TaskConfig()
     model: GrokkingModelConfig = GrokkingModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -445,6 +455,11 @@ class TODDescribedPolicyConfig(TODPolicyModelConfig):
         description="JSON {domains: {d: text}, intents: {i: text}, slots: {d: {slot: text}}} describing every "
         "domain, intent and slot in use; empty: each name describes itself.",
     )
+    encoder: str | None = Field(
+        None,
+        description="A local `transformers` model directory (model and tokenizer) that encodes the descriptions, "
+        "frozen and mean-pooled (ddpt only); empty: word embeddings trained with the policy.",
+    )
 
 
 class ClearConfig(_Strict):
@@ -591,9 +606,16 @@ def read_yaml(path: Path, what: str = "config") -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkbenchError(f"{path}: cannot read {what}: {exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise WorkbenchError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        line, problem = yaml_problem(exc)
+        where = f" at line {line}" if line else ""
+        raise WorkbenchError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """(line, what is wrong) of a YAML error, on one line: PyYAML's own text spans several."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+    return (mark.line + 1 if mark else None), " ".join(str(problem).split())
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

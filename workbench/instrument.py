@@ -33,6 +33,17 @@ class Instrument:
         self.layers: list[int] = []
         self.online = list(config.geometry)  # shrinks if a snapshot's geometry overruns its time budget
         self._warned: set[str] = set()  # problems already reported, so each is said once per run
+        self._earlier_steps: list[int] = []  # snapshots a resumed run wrote before its checkpoint
+
+    def state(self) -> dict[str, Any]:
+        """What a training-state checkpoint keeps of the instrument (JSON): snapshot steps, online features."""
+        steps = self.writer.index["steps"] if self.writer is not None else self._earlier_steps
+        return {"snapshot_steps": list(steps), "online_geometry": list(self.online)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's `state()`: the index keeps the earlier snapshots, geometry stays as it was."""
+        self._earlier_steps = list(state["snapshot_steps"])
+        self.online = list(state["online_geometry"])
 
     def due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.every == 0
@@ -95,6 +106,7 @@ class Instrument:
                 "points": self.pooler.points(self.probe),
             },
         )
+        self.writer.index["steps"] = list(self._earlier_steps)
 
     def _geometry(self, layer: str, points: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
         config = self.config

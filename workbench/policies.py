@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from workbench.config import StageConfig, _describe, _Strict, read_yaml
+from workbench.config import StageConfig, _describe, _Strict, read_yaml, yaml_problem
 from workbench.errors import WorkbenchError
 from workbench.tracking import metric_key, open_run
 
@@ -39,11 +39,14 @@ if TYPE_CHECKING:
 ACTIONS = ("alert", "checkpoint", "stop", "hold")
 STOP_REQUEST_TAG = "workbench.stop_requested"  # set by `workbench stop` and the app, polled by the engine
 CHECKPOINT_REQUEST_TAG = "workbench.checkpoint_requested"  # set by the app's "Checkpoint now", polled likewise
+ATTACH_REQUEST_TAG = "workbench.attached_policy"  # a policy attached to a live run (`workbench attach`), polled too
+ATTACHED_AT_TAG = "workbench.attached_policy_applied"  # set by the run: the step it took the attached rules at
+ATTACH_MAX_CHARS = 5000  # tag values: 8 000 characters in MLflow 3, 5 000 before; longer ones are truncated
 STOP_REASON_TAG = "workbench.stop_reason"
 STOPPED_AT_TAG = "workbench.stopped_at_step"
 ALERT_TAG_PREFIX = "workbench.alert."
 EVENT_TAG_PREFIX = "workbench.event."
-STOP_POLL_SECONDS = 2.0  # two get_run per poll (stop, checkpoint): ~5 ms each on sqlite, a request on a server
+STOP_POLL_SECONDS = 2.0  # three get_run a poll (stop, checkpoint, attach): ~5 ms each on sqlite, a request on a server
 _TESTS = (
     "patience",
     "patience_steps",
@@ -197,10 +200,11 @@ def parse_policy(text: str, source: str = "policy") -> list[Rule]:
         node = yaml.compose(text)
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise WorkbenchError(f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    rules = load_rules([] if value is None else value, source, node=node)
+        line, problem = yaml_problem(exc)
+        where = f"line {line}: " if line else ""
+        raise WorkbenchError(f"{source}: {where}invalid YAML: {problem}") from None
+    # A policy's text is its rules: a bare string in it is a malformed rule, never a path to read another file from.
+    rules = load_rules([] if value is None else [value] if isinstance(value, str) else value, source, node=node)
     _check_events(rules, {f.name for f in default_forecasters()}, source, node)
     return rules
 
@@ -238,7 +242,7 @@ def attach_policies(config: StageConfig, config_path: Path, policy_files: Sequen
     inline: list[Any] = []
     seen: dict[str, str] = {}
     for source, raw in sources:
-        rules = load_rules(raw, source)
+        rules = load_rules([raw] if isinstance(raw, str) else raw, source)  # file content, never a further path
         _check_events(rules, names, source)
         for rule in rules:
             if rule.name in seen:
@@ -457,7 +461,7 @@ class Firing:
     """One thing the engine did, in step order: for the backtest report and tests."""
 
     step: int
-    kind: str  # alert, checkpoint, stop, held, hold, release, event
+    kind: str  # alert, checkpoint, stop, held, hold, release, event, attach
     name: str  # the rule, forecaster or "stop request"
     message: str
 
@@ -513,6 +517,7 @@ class PolicyEngine:
         self._last_poll: float | None = None
         self._poll_failed = False
         self._checkpoint_request: str | None = None  # the last checkpoint request seen (its tag value)
+        self._attach_request: str | None = None  # the last attached policy seen (its tag value)
 
     @classmethod
     def from_config(
@@ -551,7 +556,9 @@ class PolicyEngine:
         for i, state in enumerate(self.rules):
             if not state.disabled and fresh.get(i):
                 self._consider(state, step, decision)
-        stop, checkpoint = self._poll_requests(snapshot=any(k.startswith("geom/") for k in metrics))
+        stop, checkpoint, attached = self._poll_requests(snapshot=any(k.startswith("geom/") for k in metrics))
+        if attached is not None:
+            self._attach(step, attached, decision)
         if checkpoint and not stop:
             decision.checkpoint = True
             self._record(step, "checkpoint", "checkpoint request", "checkpoint requested", decision)
@@ -674,27 +681,49 @@ class PolicyEngine:
                 tag = json.dumps({"step": event.step, **event.details}, default=str)
                 self.tracker.set_tags({EVENT_TAG_PREFIX + metric_key(event.name): tag})
 
-    def _poll_requests(self, snapshot: bool) -> tuple[bool, bool]:
-        """(stop requested, a new checkpoint request). Polls the tags at most every `stop_poll_seconds`, and at
-        every snapshot step, so that a request is honoured within one snapshot interval however fast the steps
-        go (a poll costs far less than a snapshot)."""
+    def _poll_requests(self, snapshot: bool) -> tuple[bool, bool, str | None]:
+        """(stop requested, a new checkpoint request, a newly attached policy's tag value). Polls the tags at most
+        every `stop_poll_seconds`, and at every snapshot step, so that a request is honoured within one snapshot
+        interval however fast the steps go (a poll costs far less than a snapshot)."""
         if self.tracker is None or self.stopped is not None:
-            return False, False
+            return False, False, None
         now = time.monotonic()
         if not snapshot and self._last_poll is not None and now - self._last_poll < self.stop_poll_seconds:
-            return False, False
+            return False, False, None
         self._last_poll = now
         try:
             stop = bool(self.tracker.get_tag(STOP_REQUEST_TAG))
             checkpoint = self.tracker.get_tag(CHECKPOINT_REQUEST_TAG)
+            attached = self.tracker.get_tag(ATTACH_REQUEST_TAG)
         except Exception as exc:  # a store hiccup must not end the run; the next poll tries again
             if not self._poll_failed:
                 self._poll_failed = True
                 self._print(f"policy: cannot poll for stop requests ({type(exc).__name__}: {exc}); will retry")
-            return False, False
+            return False, False, None
         new = checkpoint is not None and checkpoint != self._checkpoint_request  # each request (its time) once
         self._checkpoint_request = checkpoint
-        return stop, new
+        new_policy = attached if attached is not None and attached != self._attach_request else None
+        self._attach_request = attached
+        return stop, new, new_policy
+
+    def _attach(self, step: int, value: str, decision: Decision) -> None:
+        """Take the rules of a policy attached to the live run (`attach_policy`): an attached rule replaces the
+        run's rule of the same name, its state fresh; the others are added. It was validated on attach; a
+        policy this run cannot take (an event none of its forecasters raises) is refused with an alert."""
+        try:
+            rules = parse_policy(json.loads(value)["policy"], source="attached policy")
+            _check_events(rules, set(self.forecasters), "attached policy")
+        except (WorkbenchError, ValueError, KeyError, TypeError) as exc:
+            self._alert(step, "attached_policy", f"attached policy refused: {exc}", decision)
+            return
+        names = {rule.name for rule in rules}
+        replaced = [s.rule.name for s in self.rules if s.rule.name in names]
+        self.rules = [s for s in self.rules if s.rule.name not in names] + [_RuleState(rule) for rule in rules]
+        added = ", ".join(rule.name for rule in rules)
+        message = f"attached policy taken: {added}" + (f" (replacing {', '.join(replaced)})" if replaced else "")
+        self._record(step, "attach", "attached policy", message, decision)
+        self.tracker.set_tags({ATTACHED_AT_TAG: json.dumps({"step": step, "rules": sorted(names)})})
+        self._report_missing(step, decision, final=False)  # a rule on a key this run does not log says so now
 
     # --- output -----------------------------------------------------------------------------------------
 
@@ -727,9 +756,32 @@ def request_checkpoint(run_id: str, tracking_uri: str | None = None) -> str:
     return _request(run_id, tracking_uri, CHECKPOINT_REQUEST_TAG, "checkpoint")
 
 
+def attach_policy(run_id: str, text: str, tracking_uri: str | None = None, source: str = "policy") -> str:
+    """Attach a policy (YAML text) to a RUNNING run (`workbench attach`, the app): validated here with the parser a
+    run uses, kept with the run as the artifact `policies/attached_<time>.yaml`, and taken by the run's engine
+    at its next poll, where its rules join (or, by name, replace) the run's. Returns the artifact's path."""
+    rules = parse_policy(text, source)
+    if not rules:
+        raise WorkbenchError(f"{source}: no rules to attach")
+    value = json.dumps({"requested": datetime.now().isoformat(timespec="milliseconds"), "policy": text})
+    if len(value) > ATTACH_MAX_CHARS:
+        raise WorkbenchError(f"{source}: {len(text)} characters, too long to attach (about {ATTACH_MAX_CHARS} at most)")
+    client, _ = _running(run_id, tracking_uri, "attach a policy to")
+    artifact = f"policies/attached_{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.yaml"
+    client.log_text(run_id, text, artifact)
+    client.set_tag(run_id, ATTACH_REQUEST_TAG, value)
+    return artifact
+
+
 def _request(run_id: str, tracking_uri: str | None, tag: str, what: str) -> str:
+    client, uri = _running(run_id, tracking_uri, what)
+    client.set_tag(run_id, tag, f"requested {datetime.now().isoformat(timespec='milliseconds')}")
+    return uri
+
+
+def _running(run_id: str, tracking_uri: str | None, what: str) -> tuple[Any, str]:
+    """(client, resolved URI) of a run that must be RUNNING for `what` to make sense."""
     client, run, uri = open_run(run_id, tracking_uri)
     if run.info.status != "RUNNING":
         raise WorkbenchError(f"run {run_id}: is {run.info.status}, not RUNNING; nothing to {what}")
-    client.set_tag(run_id, tag, f"requested {datetime.now().isoformat(timespec='milliseconds')}")
-    return uri
+    return client, uri

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
-from workbench.policies import CHECKPOINT_REQUEST_TAG, STOP_REASON_TAG, STOP_REQUEST_TAG, STOPPED_AT_TAG
+from workbench.liveness import mark_stale_runs
+from workbench.policies import (
+    ATTACHED_AT_TAG,
+    CHECKPOINT_REQUEST_TAG,
+    STOP_REASON_TAG,
+    STOP_REQUEST_TAG,
+    STOPPED_AT_TAG,
+)
 from workbench.tracking import open_run, open_store, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
 KEY_METRICS = ("train/acc", "eval/acc", "grokking/grokking_step")
+DOMAIN_TAG = "tod.domain"  # a continual run's nested per-domain runs carry it, and their place in the sequence:
+DOMAIN_INDEX_TAG = "tod.stage_index"
 
 
 def recent_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict]:
@@ -55,6 +65,7 @@ def run_table(tracking_uri: str | None = None, experiment: str | None = None, li
     nested in, experiment, stage, status, start, key metrics (floats), the events that fired and why the run
     stopped."""
     names, runs = _search_runs(tracking_uri, experiment, limit)
+    runs = mark_stale_runs(runs, tracking_uri)  # RUNNING runs whose process is gone become FAILED (liveness.py)
     run_names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
     rows = []
     for run in runs:
@@ -116,7 +127,8 @@ def metric_keys(run_id: str, tracking_uri: str | None = None) -> list[str]:
 
 def run_state(run_id: str, tracking_uri: str | None = None) -> dict:
     """A run's status now, read fresh: status, the step and reason it stopped at, whether a stop or checkpoint
-    request is pending, and the steps of its checkpoints (`checkpoints/step_XXXXXXXX`)."""
+    request is pending, the steps of its checkpoints (`checkpoints/step_XXXXXXXX`) and where the run took an
+    attached policy ({"step": S, "rules": [...]}, `workbench attach`)."""
     client, run, _ = open_run(run_id, tracking_uri)
     tags = run.data.tags
     saved = client.list_artifacts(run_id, "checkpoints")
@@ -128,6 +140,7 @@ def run_state(run_id: str, tracking_uri: str | None = None) -> dict:
         "checkpoint_requested": tags.get(CHECKPOINT_REQUEST_TAG),
         "checkpoints": sorted(int(a.path.rsplit("_", 1)[1]) for a in saved if a.is_dir),
         "error": tags.get("workbench.error"),
+        "attached": json.loads(tags[ATTACHED_AT_TAG]) if ATTACHED_AT_TAG in tags else None,
     }
 
 
@@ -137,30 +150,70 @@ def bulk_metric_histories(
     """`metric_histories` of many runs at once: run id -> key -> (steps, values), for keys starting with `prefix`.
 
     On a SQL store (the embedded sqlite, or a database the CLI points at) one query reads every value; elsewhere
-    (an MLflow server) it is one `get_metric_history` call per run and key. Measured for the app's Geometry page
-    (20 runs x 12 layers x 200 snapshots, sqlite, loaded 2-core machine): 0.3 s against 5.9 s call by call.
-    The query reads MLflow's own table model (`SqlMetric`), as MLflow's server does; a test checks that both
-    paths give the same histories.
+    (an MLflow server), or where that query fails, it is one `get_metric_history` call per run and key.
+    Measured for the app's Geometry page (20 runs x 12 layers x 200 snapshots, sqlite, loaded 2-core machine):
+    0.3 s against 5.9 s call by call. Tests check that both paths give the same histories.
     """
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
     client, _ = open_store(tracking_uri)
-    store = client._tracking_client.store
-    if not isinstance(store, SqlAlchemyStore):
-        return {run_id: metric_histories(run_id, tracking_uri, prefix) for run_id in run_ids}
-    from mlflow.store.tracking.dbmodels.models import SqlMetric
+    found = _sql_metric_histories(client, list(run_ids), prefix)
+    if found is None:
+        found = {run_id: metric_histories(run_id, tracking_uri, prefix) for run_id in run_ids}
+    return found
 
+
+def _sql_metric_histories(client: Any, run_ids: list[str], prefix: str) -> dict[str, dict] | None:
+    """The one-query read, through MLflow's own table model (`SqlMetric`) as MLflow's server reads it; None where
+    the store is not SQL, or the model is not the one this code was written against (another MLflow version),
+    so that the caller takes the public API instead."""
+    try:
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:
+        return None
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if not isinstance(store, SqlAlchemyStore):
+        return None
     found: dict[str, dict[str, tuple[list, list]]] = {run_id: {} for run_id in run_ids}
-    columns = (SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.value, SqlMetric.is_nan)
-    with store.ManagedSessionMaker() as session:
-        rows = (
-            session.query(*columns)
-            .filter(SqlMetric.run_uuid.in_(list(run_ids)), SqlMetric.key.startswith(prefix, autoescape=True))
-            .order_by(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.timestamp)
-            .all()
-        )
+    try:
+        columns = (SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.value, SqlMetric.is_nan)
+        with store.ManagedSessionMaker() as session:
+            rows = (
+                session.query(*columns)
+                .filter(SqlMetric.run_uuid.in_(run_ids), SqlMetric.key.startswith(prefix, autoescape=True))
+                .order_by(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.timestamp)
+                .all()
+            )
+    except (AttributeError, TypeError, SQLAlchemyError):
+        return None
     for run_id, key, step, value, is_nan in rows:
         steps, values = found[run_id].setdefault(key, ([], []))
         steps.append(step)
         values.append(float("nan") if is_nan else value)
     return found
+
+
+def continual_histories(
+    run_id: str, prefix: str, tracking_uri: str | None = None
+) -> tuple[dict[str, tuple[list, list]], list[tuple[int, str]]]:
+    """A continual run's series across its domain switches: the histories (keys starting with `prefix`) of its
+    nested per-domain runs (tag `tod.domain`, pipelines/tod/continual.py) joined into one series per key (the
+    domains share one step count), and the switches, (first step of each domain's series, "domain NAME")."""
+    client, run, _ = open_run(run_id, tracking_uri)
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    domains = sorted(
+        (r for r in nested if DOMAIN_TAG in r.data.tags), key=lambda r: int(r.data.tags.get(DOMAIN_INDEX_TAG, 0))
+    )
+    per_domain = bulk_metric_histories([r.info.run_id for r in domains], prefix, tracking_uri)
+    joined: dict[str, tuple[list, list]] = {}
+    switches = []
+    for domain in domains:
+        histories = per_domain[domain.info.run_id]
+        starts = [steps[0] for steps, _ in histories.values() if steps]
+        if starts:
+            switches.append((min(starts), f"domain {domain.data.tags[DOMAIN_TAG]}"))
+        for key, (steps, values) in histories.items():
+            joined_steps, joined_values = joined.setdefault(key, ([], []))
+            joined_steps += steps
+            joined_values += values
+    return joined, switches

@@ -9,7 +9,10 @@ Nothing is pickled; the reader checks every file against the index.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,13 +156,58 @@ def load_snapshots(run_id: str, tracking_uri: str | None = None) -> Snapshots:
     from workbench.tracking import open_store
 
     client, uri = open_store(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="workbench-load-") as tmp:  # arrays are read into memory
+    with tempfile.TemporaryDirectory(prefix="workbench-load-") as tmp, _no_download_bar():  # read into memory
         try:
             local = client.download_artifacts(run_id, SNAPSHOT_DIR, tmp)
         except Exception as exc:  # MLflow raises several types for a missing run or artifact
             reason = str(exc).splitlines()[0]
             raise WorkbenchError(f"run {run_id}: no snapshots found in {uri} ({reason})") from None
-        return read_snapshot_dir(local)
+        try:
+            return read_snapshot_dir(local)
+        except WorkbenchError as exc:  # name the run's artifact, not its temporary copy
+            raise WorkbenchError(str(exc).replace(tmp, f"run {run_id}: artifacts", 1)) from None
+
+
+@contextmanager
+def _no_download_bar() -> Iterator[None]:
+    """MLflow's per-file download progress bar off: snapshots are many small files, and callers show their own."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = previous
+
+
+def _check_index(index: Any, index_path: Path) -> None:
+    """Every field the reader uses has the type it expects. Steps are integers, so the files they name
+    (`step_{step:08d}.safetensors`) are always inside the snapshot folder, whatever the index holds."""
+    missing = [key for key in _INDEX_KEYS if key not in index] if isinstance(index, dict) else list(_INDEX_KEYS)
+    if missing:
+        raise WorkbenchError(f"{index_path}: snapshot index lacks {', '.join(missing)}")
+    if index["format_version"] != FORMAT_VERSION:
+        raise WorkbenchError(f"{index_path}: format_version {index['format_version']!r}, expected {FORMAT_VERSION}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    checks = {  # field: (as expected, what is expected)
+        "steps": (isinstance(index["steps"], list) and all(map(count, index["steps"])), "a list of steps >= 0"),
+        "layers": (
+            isinstance(index["layers"], list) and all(isinstance(n, str) for n in index["layers"]),
+            "a list of layer names",
+        ),
+        "dtype": (index["dtype"] in ("float16", "float32"), "float16 or float32"),
+        "hidden_size": (count(index["hidden_size"]), "an integer >= 0"),
+        "points": (isinstance(index["points"], list), "a list"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise WorkbenchError(f"{index_path}: {key}: expected {expected}, got {str(index[key])[:80]!r}")
 
 
 def read_snapshot_dir(directory: str | Path) -> Snapshots:
@@ -173,13 +221,9 @@ def read_snapshot_dir(directory: str | Path) -> Snapshots:
         index = json.loads(index_path.read_text())
     except FileNotFoundError:
         raise WorkbenchError(f"{index_path}: snapshot index is missing") from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         raise WorkbenchError(f"{index_path}: unreadable snapshot index: {exc}") from None
-    missing = [key for key in _INDEX_KEYS if key not in index] if isinstance(index, dict) else list(_INDEX_KEYS)
-    if missing:
-        raise WorkbenchError(f"{index_path}: snapshot index lacks {', '.join(missing)}")
-    if index["format_version"] != FORMAT_VERSION:
-        raise WorkbenchError(f"{index_path}: format_version {index['format_version']}, expected {FORMAT_VERSION}")
+    _check_index(index, index_path)
 
     expected_shape = (len(index["points"]), index["hidden_size"])
     expected_dtype = np.dtype(index["dtype"])
@@ -190,7 +234,7 @@ def read_snapshot_dir(directory: str | Path) -> Snapshots:
             tensors = load_file(str(path))
         except FileNotFoundError:
             raise WorkbenchError(f"{path}: listed in the index but missing") from None
-        except (SafetensorError, OSError) as exc:
+        except (SafetensorError, OSError, TypeError) as exc:  # TypeError: a dtype numpy lacks, e.g. bfloat16
             raise WorkbenchError(f"{path}: corrupt snapshot file ({exc})") from None
         if sorted(tensors) != sorted(per_layer):
             raise WorkbenchError(f"{path}: holds {sorted(tensors)}, index lists {sorted(per_layer)}")

@@ -8,12 +8,18 @@ every case.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import posixpath
+import random
 import re
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +32,8 @@ if TYPE_CHECKING:
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` here finds the runs
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's per-request limits (mlflow/utils/validation.py)
 _MAX_PARAMS_PER_BATCH = 100
+_MAX_RETRY_SECONDS = 60.0  # longest wait between two tries of a failing flush
+_JITTER = random.Random()  # its own generator: a failing flush must not move a seeded run's `random` stream
 _MLFLOW_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 
@@ -37,6 +45,26 @@ def resolve_tracking_uri(uri: str | None) -> str:
 def metric_key(name: str) -> str:
     """The one place names become MLflow keys: characters MLflow rejects (e.g. `@ ( ,`) become `_`."""
     return _MLFLOW_BAD_CHARS.sub("_", name)
+
+
+def run_artifact_path(path: str) -> str:
+    """The one check of a path inside a run's artifacts: normalised, relative, never above the run's root.
+
+    `a/./b` becomes `a/b`; absolute paths, `..` that climbs out and backslashes are refused, whatever the
+    artifact store (a local folder, S3, a server) would make of them.
+    """
+    normal = posixpath.normpath(path) if path else ""
+    if (
+        not normal
+        or normal == "."
+        or "\\" in path
+        or "\x00" in path
+        or posixpath.isabs(normal)
+        or normal == ".."
+        or normal.startswith("../")
+    ):
+        raise WorkbenchError(f"artifact path {path!r}: must be a relative path inside the run's artifacts")
+    return normal
 
 
 def project_commit() -> str:
@@ -55,14 +83,19 @@ def project_commit() -> str:
 
 
 def stage_run_tags(config: StageConfig, config_file: str) -> dict[str, str]:
-    """The tags every stage run carries: which stage, which settings (hash), which code, which file."""
+    """The tags every stage run carries: which stage, which settings (hash), which code, which file, which process
+    (host, pid, its start time: the stale-run check in workbench/liveness.py reads them)."""
     from workbench.config import config_hash
+    from workbench.liveness import process_tags
+    from workbench.runtime import rank_and_world
 
     return {
         "workbench.stage": config.stage,
         "workbench.config_hash": config_hash(config),
         "workbench.git_commit": project_commit(),
         "workbench.config_file": config_file,
+        "workbench.processes": str(rank_and_world()[1]),  # > 1 under `accelerate launch`; rank 0 logs for all
+        **process_tags(),
     }
 
 
@@ -86,9 +119,25 @@ def open_store(uri: str | None) -> tuple[Any, str]:
     resolved = resolve_tracking_uri(uri)
     _check_server_reachable(resolved)
     try:
-        return MlflowClient(resolved), resolved
+        with _schema_lock(resolved):
+            return MlflowClient(resolved), resolved
     except Exception as exc:  # e.g. a sqlite file that cannot be created
         raise _store_error(resolved, exc) from None
+
+
+def _schema_lock(uri: str) -> AbstractContextManager[Any]:
+    """Serialise opening an embedded sqlite store between processes on this machine.
+
+    Opening creates or migrates the schema (alembic) when needed; runs started at once on a fresh store
+    otherwise race to create the same tables and all but one fail ('table alembic_version already exists').
+    """
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    db = str(Path(uri.removeprefix("sqlite:///")).resolve())
+    name = f"workbench-sqlite-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"  # not in the user's folder
+    return FileLock(Path(tempfile.gettempdir()) / name)
 
 
 def _store_error(uri: str, exc: Exception) -> WorkbenchError:
@@ -113,6 +162,22 @@ def open_run(run_id: str, uri: str | None) -> tuple[Any, Any, str]:
     return client, run, resolved
 
 
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created if new; runs that start at once may both find it missing, and one wins."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        found = client.get_experiment_by_name(name)  # created by another run in the meantime
+        if found is None:
+            raise exc from None
+        return found.experiment_id
+
+
 class Tracker:
     """An open MLflow run. Use as a context manager so the status is set however the block ends."""
 
@@ -123,6 +188,8 @@ class Tracker:
         self.flush_seconds = flush_seconds
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
+        self._failed_flushes = 0  # consecutive failed flushes during training (backoff exponent)
+        self._retry_at = 0.0
         self.stopped_by_user = False  # set by the policy engine when it honours a stop request
 
     @classmethod
@@ -145,12 +212,40 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         client, tracking_uri = open_store(uri)
         try:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+            run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags)
         except Exception as exc:  # MLflow raises many types here (sqlalchemy, OSError, REST errors)
             raise _store_error(tracking_uri, exc) from None
         return cls(client, run.info.run_id, tracking_uri, flush_seconds)
+
+    @classmethod
+    def start_on_every_rank(
+        cls,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        flush_seconds: float = 5.0,
+        parent_run_id: str | None = None,
+    ) -> Tracker:
+        """`start`, called by every rank of a multi-process launch at once (one process: just `start`).
+
+        Rank 0 creates the run and sends its id to the others, which get a `ReplicaTracker` of the same run: one
+        run per training, and only rank 0 writes to it. A store rank 0 cannot use fails every rank.
+        """
+        from workbench.runtime import broadcast_text, is_main_process
+
+        if not is_main_process():
+            run_id = broadcast_text("")
+            if not run_id:
+                raise WorkbenchError("tracking: rank 0 could not start the run (its error says why)")
+            client, tracking_uri = open_store(uri)
+            return ReplicaTracker(client, run_id, tracking_uri, flush_seconds)
+        tracker = None
+        try:
+            tracker = cls.start(uri, experiment, run_name, tags, flush_seconds, parent_run_id)
+        finally:
+            broadcast_text(tracker.run_id if tracker is not None else "")
+        return tracker
 
     # --- metrics ------------------------------------------------------------------------------------
 
@@ -160,8 +255,30 @@ class Tracker:
 
         timestamp = int(time.time() * 1000)
         self._buffer.extend(Metric(metric_key(k), float(v), timestamp, step) for k, v in metrics.items())
-        if len(self._buffer) >= _MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > self.flush_seconds:
+        now = time.monotonic()
+        due = len(self._buffer) >= _MAX_METRICS_PER_BATCH or now - self._last_flush > self.flush_seconds
+        if due and now >= self._retry_at:
+            self._flush_or_keep()
+
+    def _flush_or_keep(self) -> None:
+        """A flush during training. A store that fails (busy for longer than sqlite's 20 s busy timeout, a server
+        restarting) keeps every value for a later try, after an exponential backoff with jitter, and is reported
+        once; only the final flush (`finish`) raises."""
+        try:
             self.flush()
+        except Exception as exc:  # MLflow raises many types (sqlalchemy, OSError, REST errors)
+            self._failed_flushes += 1
+            delay = min(_MAX_RETRY_SECONDS, self.flush_seconds * 2**self._failed_flushes)
+            self._retry_at = time.monotonic() + delay * _JITTER.uniform(0.5, 1.0)
+            if self._failed_flushes == 1:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(
+                    f"tracking: cannot send metrics to {self.tracking_uri} ({reason}); "
+                    f"{len(self._buffer)} values kept, retrying with backoff",
+                    file=sys.stderr,
+                )
+        else:
+            self._failed_flushes = 0
 
     def flush(self) -> None:
         while self._buffer:
@@ -188,10 +305,11 @@ class Tracker:
         return self.client.get_run(self.run_id).data.tags.get(key)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        folder = None if artifact_path is None else run_artifact_path(artifact_path)
+        self.client.log_artifact(self.run_id, str(local_path), folder)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, text, run_artifact_path(artifact_file))
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -217,8 +335,34 @@ class Tracker:
         if exc_type is None:
             self.finish("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.set_tags({"workbench.stop_reason": "interrupted (Ctrl-C)"})
+            self.set_tags({"workbench.stop_reason": str(exc) or "interrupted (Ctrl-C)"})  # a signal names itself
             self.finish("KILLED")
         else:
             self.set_tags({"workbench.error": f"{exc_type.__name__}: {exc}"[:5000]})
             self.finish("FAILED")
+
+
+class ReplicaTracker(Tracker):
+    """The run as ranks other than 0 of a multi-process launch hold it: the same run id, reads allowed, and every
+    write dropped, since rank 0 logs for all ranks (metrics are reduced to it, snapshots are taken on it)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass

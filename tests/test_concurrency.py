@@ -1,0 +1,85 @@
+"""Concurrent runs into one embedded sqlite store (benchmarks/concurrency.py): every value arrives, no call fails;
+and a store that stays busy during training loses nothing.
+
+Four writer processes start at the same moment on a fresh store, so they also race to create its schema and
+their experiment, as runs launched together do; each logs params, config.yaml, metric values flushed far more
+often than a stage does, stop-request polls and tag updates, then every value is read back by step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from workbench.tracking import Tracker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import concurrency  # noqa: E402
+
+
+def test_four_concurrent_runs_on_a_fresh_sqlite_store_lose_no_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = concurrency.measure(writers=4, values=500, flush_seconds=0.02, directory=tmp_path)
+    assert result["failure_messages"] == []
+    assert result["failures"] == 0
+    assert result["values_found"] == 4 * 500 and result["lost"] == 0
+
+
+class BusyStore:
+    """An MLflow client whose `log_batch` fails like a sqlite store locked past its busy timeout."""
+
+    def __init__(self, client, failures: int) -> None:
+        self.client, self.failures, self.calls = client, failures, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return self.client.log_batch(*args, **kwargs)
+
+
+def test_a_busy_store_keeps_every_value_says_so_once_and_catches_up(tracking_uri, capsys):
+    with Tracker.start(tracking_uri, "busy", flush_seconds=0.01) as tracker:
+        tracker.client = busy = BusyStore(tracker.client, failures=2)  # retried after ~0.02 s, then ~0.04 s
+        for step in range(300):
+            tracker.log_metrics({"train/loss": step}, step)
+            time.sleep(0.002)
+    assert busy.failures == 0 and busy.calls > 3  # it failed twice during training and went on
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tracking:")]
+    assert len(warnings) == 1 and "database is locked" in warnings[0] and "kept" in warnings[0]
+    history = MlflowClient(tracking_uri).get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(300)) and all(m.value == m.step for m in history)
+
+
+def test_a_store_still_failing_at_the_end_raises_instead_of_dropping_values(tracking_uri):
+    tracker = Tracker.start(tracking_uri, "busy", flush_seconds=0.001)
+    tracker.client = BusyStore(tracker.client, failures=10**6)
+    tracker.log_metrics({"train/loss": 1.0}, 0)
+    with pytest.raises(MlflowException, match="database is locked"):
+        tracker.flush()
+    assert len(tracker._buffer) == 1  # still held, for a later flush
+
+
+def test_a_run_that_loses_the_race_to_create_its_experiment_joins_it(tracking_uri, monkeypatch):
+    first = Tracker.start(tracking_uri, "race")
+    first.finish()
+    real, seen = MlflowClient.get_experiment_by_name, []
+
+    def not_yet_visible(self, name):  # the first look misses the experiment another run is creating
+        seen.append(name)
+        return None if len(seen) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", not_yet_visible)
+    second = Tracker.start(tracking_uri, "race")
+    second.finish()
+    runs = MlflowClient(tracking_uri)
+    assert runs.get_run(second.run_id).info.experiment_id == runs.get_run(first.run_id).info.experiment_id
