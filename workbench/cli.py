@@ -11,9 +11,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
 from workbench.geometry import FEATURE_METRICS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pipelines import StageResult
+    from workbench.tracking import Tracker
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,27 +58,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         wait_for_everyone()
         return 0  # rank 0 reports for every rank
     print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
-    from workbench.liveness import StopSignals
 
-    signals = StopSignals()  # SIGINT/SIGTERM: checkpoint, KILLED, exit 130/143 (docs/resume.md)
+    def body() -> StageResult:
+        tracker.log_params(flatten(config))
+        tracker.log_text(to_yaml(config), "config.yaml")
+        return runner(config, tracker)
+
+    result = _train(tracker, body, "marked KILLED, everything logged so far is kept")
+    if isinstance(result, int):
+        return result
+    print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s")
+    _print_result(result.summary, tracker.tracking_uri)
+    return 0
+
+
+def _train(tracker: Tracker, body: Callable[[], StageResult], interrupted: str) -> StageResult | int:
+    """`body` inside the tracker's run, SIGINT/SIGTERM checkpointing and ending it KILLED (docs/resume.md): the
+    stage's result, or the exit code of a run that did not finish (130/143 interrupted, 1 failed)."""
+    from workbench.liveness import StopSignals
+    from workbench.runtime import wait_for_everyone
+
+    signals = StopSignals()
     try:
         with signals, tracker:
-            tracker.log_params(flatten(config))
-            tracker.log_text(to_yaml(config), "config.yaml")
-            result = runner(config, tracker)
+            result = body()
         wait_for_everyone()
     except WorkbenchError:
         raise
     except KeyboardInterrupt:
-        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, everything logged so far is kept", file=sys.stderr)
+        print(f"\nrun {tracker.run_id} interrupted: {interrupted}", file=sys.stderr)
         return signals.exit_code
     except Exception as exc:
         traceback.print_exc()
         print(f"workbench: run {tracker.run_id} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s")
-    _print_result(result.summary, tracker.tracking_uri)
-    return 0
+    return result
 
 
 def _print_result(summary: list[str], tracking_uri: str) -> None:
@@ -83,7 +104,6 @@ def _print_result(summary: list[str], tracking_uri: str) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from workbench.liveness import StopSignals
     from workbench.resume import reopen_run
     from workbench.runtime import configure_torch_threads
 
@@ -92,19 +112,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     tracker, step = opened.tracker, opened.resumption.checkpoint.step
     print(f"run {tracker.run_id} ({opened.was}) resumed from its checkpoint at step {step}")
     started = time.monotonic()
-    signals = StopSignals()
-    try:
-        with signals, tracker:
-            result = opened.runner(opened.config, tracker, resume=opened.resumption)
-    except WorkbenchError:
-        raise
-    except KeyboardInterrupt:
-        print(f"\nrun {tracker.run_id} interrupted: marked KILLED, resumable again", file=sys.stderr)
-        return signals.exit_code
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"workbench: run {tracker.run_id} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+
+    def body() -> StageResult:
+        return opened.runner(opened.config, tracker, resume=opened.resumption)
+
+    result = _train(tracker, body, "marked KILLED, resumable again")
+    if isinstance(result, int):
+        return result
     print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s after the resume")
     print(
         f"  {tracker.recomputed} values logged before the crash were recomputed, not logged again; "

@@ -218,16 +218,8 @@ class Tracker:
         return cls(client, run.info.run_id, tracking_uri, flush_seconds)
 
     @classmethod
-    def start_on_every_rank(
-        cls,
-        uri: str | None,
-        experiment: str,
-        run_name: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        flush_seconds: float = 5.0,
-        parent_run_id: str | None = None,
-    ) -> Tracker:
-        """`start`, called by every rank of a multi-process launch at once (one process: just `start`).
+    def start_on_every_rank(cls, *args: Any, **kwargs: Any) -> Tracker:
+        """`start` (same arguments), called by every rank of a multi-process launch at once (one process: `start`).
 
         Rank 0 creates the run and sends its id to the others, which get a `ReplicaTracker` of the same run: one
         run per training, and only rank 0 writes to it. A store rank 0 cannot use fails every rank.
@@ -238,11 +230,11 @@ class Tracker:
             run_id = broadcast_text("")
             if not run_id:
                 raise WorkbenchError("tracking: rank 0 could not start the run (its error says why)")
-            client, tracking_uri = open_store(uri)
-            return ReplicaTracker(client, run_id, tracking_uri, flush_seconds)
+            client, tracking_uri = open_store(args[0] if args else kwargs.get("uri"))
+            return ReplicaTracker(client, run_id, tracking_uri)
         tracker = None
         try:
-            tracker = cls.start(uri, experiment, run_name, tags, flush_seconds, parent_run_id)
+            tracker = cls.start(*args, **kwargs)
         finally:
             broadcast_text(tracker.run_id if tracker is not None else "")
         return tracker
