@@ -5,13 +5,14 @@ training loop on hidden states that are still on the GPU.
 
 Algorithm (:func:`knn_from_points`). Squared distances come from ``||x||^2 + ||y||^2 - 2 x.y`` on centred
 points, one matmul per block. The distance matrix is symmetric, so only blocks on or above the diagonal
-are computed and each one is offered to both its row points and its column points; every point keeps a
-running top-k (values, indices and its current k-th smallest value ``tau``). After the first blocks, only a
-few entries of a block beat ``tau``, so a block is usually merged by one comparison pass plus a small sparse
-merge instead of a ``topk`` over the whole block. Clouds of up to 4 096 points are one full block. Memory
-otherwise: one block of distances (at most
+are computed (half the FLOPs of the full matmul) and each one is offered to both its row points and its
+column points; every point keeps a running top-k (a pool of 3k candidate slots and ``tau``, a bound on its
+k-th smallest value). After the diagonal squares, only ~2 % of a block's entries beat ``tau``, so each side
+of a block costs one comparison pass and one nonzero, and the few candidates are scattered into the pools; a
+pool is cut back to its k smallest (one small ``topk``) only when it fills up. Clouds of up to 4 096 points
+are one full block. Memory otherwise: one block of distances (at most
 ``chunk_size x max(chunk_size, 2**22 / chunk_size)`` entries, and never more than ``chunk_size x n``) plus
-O(block) temporaries, the running top-k (n x k) and O(n x d) copies of the points.
+O(block) temporaries, the pools (n x 3k values and indices) and O(n x d) copies of the points.
 
 Precision. float32 input is searched in float32 (on CPU too: half the work of float64); float64 input in
 float64; other dtypes (float16, bfloat16, integers) in float64 on CPU and float32 on accelerators
@@ -41,8 +42,10 @@ ArrayLike: TypeAlias = np.ndarray | torch.Tensor
 _BLOCK_ELEMENTS = 2**22
 # Automatic row-block height. Blocks on the diagonal are computed in full (their lower half is wasted), so
 # they are re-split with the smaller leaf height: the waste is then n * _LEAF_ROWS / 2 of ~n^2 / 2 entries.
+# A leaf square also gives every point its first tau (its k-th nearest among the leaf's points): 512 rows
+# let ~20 % fewer candidates through the later blocks than 256, for ~4 % more matmul time (5 000 x 768).
 _AUTO_ROWS = 1024
-_LEAF_ROWS = 256
+_LEAF_ROWS = 512
 # Clouds with at most this many pairwise entries (4 096 points; 64 MiB of float32) are searched as one full
 # block (see _block_shape): measured ~2x faster than the sweep on 3 072 x 64 snapshots, the online case.
 _SMALL_ELEMENTS = 2**24
@@ -51,6 +54,8 @@ _SMALL_ELEMENTS = 2**24
 _REFINE_RTOL = 1e-13
 # Row pairs per chunk of the coordinate-difference fallback: bounds its [pairs, d] float64 temporary.
 _DIFF_ELEMENTS = 2**20
+# Pool slots per point of the running top-k, in units of k (see _RunningTopK).
+_POOL_FACTOR = 3
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -85,8 +90,9 @@ def as_points(X: ArrayLike, *, min_points: int, who: str) -> torch.Tensor:
         raise ValueError(f"{who}: needs at least {min_points} points, got {n}")
     t = t.to(compute_dtype(t.device, t.dtype))
     # A sum is NaN/inf whenever any term is, so one reduction (no n x d bool mask) clears the common case;
-    # only a non-finite sum (which may also be a harmless overflow) needs the element-wise check.
-    if n and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    # only a non-finite sum (which may also be a harmless overflow) needs the element-wise check. Summed in
+    # X's own dtype: a float64 accumulator costs ~25x more on float32 input.
+    if n and not bool(torch.isfinite(t.sum())):
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             bad = int((~finite).sum())
@@ -103,12 +109,20 @@ def unique_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # +0.0 maps -0.0 to +0.0, so rows differing only in the sign of a zero count as duplicates: their
     # distance is exactly 0 and would break log-distance estimators just like true duplicates.
     if X.device.type == "cpu":
-        # Rows compared as raw bytes: ~7x faster than torch.unique(dim=0)'s lexicographic sort on CPU.
         rows = np.ascontiguousarray((X + 0.0).numpy())
-        _, first = np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))).ravel(), return_index=True)
-        if len(first) == n:
+        # Identical rows have identical bit patterns and so equal integer sums of them (exact in any order);
+        # only rows whose sums collide are compared as raw bytes (~7x faster than torch.unique(dim=0)'s
+        # lexicographic sort, and the sums spare it on clouds without duplicates: ~3x faster again).
+        bits = rows.view({4: np.int32, 8: np.int64}.get(rows.itemsize, np.int8))
+        _, inverse, counts = np.unique(bits.sum(axis=1, dtype=np.int64), return_inverse=True, return_counts=True)
+        suspects = np.flatnonzero(counts[inverse] > 1)
+        if len(suspects) == 0:
             return X, torch.arange(n)
-        kept = torch.from_numpy(np.sort(first))
+        sub = np.ascontiguousarray(rows[suspects])
+        _, first = np.unique(sub.view(np.dtype((np.void, sub.itemsize * sub.shape[1]))).ravel(), return_index=True)
+        if len(first) == len(suspects):
+            return X, torch.arange(n)
+        kept = torch.from_numpy(np.setdiff1d(np.arange(n), np.delete(suspects, first)))
         return X[kept], kept
     _, inverse = torch.unique(X + 0.0, dim=0, return_inverse=True)
     n_unique = int(inverse.max()) + 1 if n else 0
@@ -121,18 +135,19 @@ def unique_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _RunningTopK:
-    """Per-point running k smallest squared distances, kept in a pool of ``width >= 2k`` slots per point.
+    """Per-point running k smallest squared distances, kept in a pool of ``width`` slots per point.
 
     New candidates are appended to a point's free slots; only when a point's pool would overflow is it
     compacted to its k smallest (one topk over ``width`` values), which is also when ``tau``, the filter
     threshold, is tightened to the current k-th smallest value. Between compactions tau is stale (too
     large), which only lets a few more candidates through: the result is exact either way. This replaces a
-    topk-merge per block and per point by a scatter of the few new candidates.
+    topk-merge per block and per point by a scatter of the few new candidates. A small pool keeps tau
+    tight and a large one compacts less often; 3k was the fastest of 2k..8k on 5 000 x 768.
     """
 
     def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
         self.k = k
-        self.width = max(4 * k, 32)
+        self.width = max(_POOL_FACTOR * k, 32)
         self.val = torch.full((n, self.width), math.inf, dtype=dtype, device=device)
         self.idx = torch.zeros((n, self.width), dtype=torch.long, device=device)
         self.fill = torch.zeros(n, dtype=torch.long, device=device)
@@ -140,62 +155,84 @@ class _RunningTopK:
         self.ready = False
 
     def _merge(self, rows: slice | torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        """Replace the pools of ``rows`` by the k smallest of pool + candidates [m, c] (c may be 0)."""
-        cv = torch.cat([self.val[rows], vals], dim=1)
-        ci = torch.cat([self.idx[rows], idx], dim=1)
-        top, pos = torch.topk(cv, self.k, dim=1, largest=False, sorted=False)
-        pad = torch.full((top.shape[0], self.width - self.k), math.inf, dtype=top.dtype, device=top.device)
-        self.val[rows] = torch.cat([top, pad], dim=1)
-        self.idx[rows] = torch.cat([torch.gather(ci, 1, pos), torch.zeros_like(pad, dtype=torch.long)], dim=1)
+        """Replace the pools of ``rows`` (a slice, or a tensor of point indices) by the k smallest of pool +
+        candidates [m, c] (c may be 0)."""
+        sliced = isinstance(rows, slice)
+        pv = self.val[rows] if sliced else self.val.index_select(0, rows)
+        pi = self.idx[rows] if sliced else self.idx.index_select(0, rows)
+        top, pos = torch.topk(torch.cat([pv, vals], dim=1), self.k, dim=1, largest=False, sorted=False)
+        top_i = torch.gather(torch.cat([pi, idx], dim=1), 1, pos)
+        pv[:, : self.k], pv[:, self.k :] = top, math.inf  # in place where rows is a slice (pv is a view)
+        pi[:, : self.k] = top_i
+        if not sliced:
+            self.val.index_copy_(0, rows, pv)
+            self.idx.index_copy_(0, rows, pi)
         self.fill[rows] = self.k
         self.tau[rows] = top.amax(dim=1)
 
-    def offer(self, G: torch.Tensor, t0: int, s0: int, transposed: bool) -> None:
-        """Offer block G of squared distances: targets are G's rows (t0 + i) and sources its columns
-        (s0 + j), or, with ``transposed``, targets its columns and sources its rows."""
-        n_t, n_s = (G.shape[1], G.shape[0]) if transposed else G.shape
-        sl = slice(t0, t0 + n_t)
-        tau = self.tau[sl]
-        r = c = None
+    def _append(self, t0: int, size: int, tgt: torch.Tensor, src: torch.Tensor, vals: torch.Tensor) -> None:
+        """Append candidates (target t0 + tgt, source src, squared distance) to the pools; ``tgt`` ascending,
+        all within [0, size)."""
+        if tgt.numel() == 0:
+            return
+        counts = torch.bincount(tgt, minlength=size)
+        fill = self.fill[t0 : t0 + size]
+        over = fill + counts > self.width
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(tgt.numel(), device=tgt.device) - first[tgt]
+        if bool(over.any()):
+            full = over.nonzero().squeeze(1) + t0
+            self._merge(full, vals.new_empty((full.numel(), 0)), src.new_empty((full.numel(), 0)))
+            if self.k + int(counts.max()) > self.width:
+                # More new candidates for one target than a pool holds (poor tau): padded merge of all.
+                pv = torch.full((size, int(counts.max())), math.inf, dtype=vals.dtype, device=vals.device)
+                pi = torch.zeros(pv.shape, dtype=torch.long, device=vals.device)
+                pv[tgt, slot] = vals
+                pi[tgt, slot] = src
+                self._merge(slice(t0, t0 + size), pv, pi)
+                return
+        pos = (tgt + t0) * self.width + fill[tgt] + slot
+        self.val.view(-1).scatter_(0, pos, vals)
+        self.idx.view(-1).scatter_(0, pos, src)
+        fill += counts
+
+    def offer(self, G: torch.Tensor, t0: int, s0: int, both: bool) -> None:
+        """Offer block G of squared distances between points t0 + i (its rows) and s0 + j (its columns) to
+        its rows, and with ``both`` (an off-diagonal block of the symmetric matrix) to its columns too."""
+        self._offer_side(G, t0, s0, columns=False)
+        if both:
+            self._offer_side(G, s0, t0, columns=True)
+
+    def _offer_side(self, G: torch.Tensor, t0: int, s0: int, columns: bool) -> None:
+        """Offer G to its rows (targets t0 + i, sources s0 + j) or, with ``columns``, to its columns (targets
+        t0 + j, sources s0 + i)."""
+        m, w = G.shape
+        n_t = w if columns else m
+        tau = self.tau[t0 : t0 + n_t]
         # Once a target has k candidates its tau stays finite, so after the diagonal squares this is one
         # check for the whole search rather than one per block.
         if not self.ready:
             self.ready = not bool(torch.isinf(self.tau).any())
+        flat = None
         if self.ready or not bool(torch.isinf(tau).any()):
-            mask = G < (tau[None, :] if transposed else tau[:, None])
-            r, c = mask.nonzero(as_tuple=True)
-            if r.numel() == 0:
+            flat = _flat_nonzero(G < (tau[None, :] if columns else tau[:, None]))
+            if flat.numel() == 0:
                 return
         # Dense path: while a target has fewer than k candidates (its first block) or when tau is poor (data
         # ordered so that neighbours come late) most entries pass, and one topk over the block is cheaper.
-        if r is None or r.numel() * 4 > G.numel():
-            Gt = G.T.contiguous() if transposed else G  # topk along contiguous rows is ~1.5x faster
-            vals, pos = torch.topk(Gt, min(self.k, n_s), dim=1, largest=False, sorted=False)
-            self._merge(sl, vals, pos + s0)
+        if flat is None or flat.numel() * 4 > G.numel():
+            Gt = G.T.contiguous() if columns else G  # topk along contiguous rows is ~1.5x faster
+            vals, pos = torch.topk(Gt, min(self.k, Gt.shape[1]), dim=1, largest=False, sorted=False)
+            self._merge(slice(t0, t0 + n_t), vals, pos + s0)
             return
         # Sparse path: append the few entries below tau to their targets' pools.
-        vals = G[r, c]
-        tgt, src = (c, r) if transposed else (r, c)
-        if transposed:  # group by target (nonzero lists entries in row-major order, i.e. by source)
-            order = torch.argsort(tgt, stable=True)
-            tgt, src, vals = tgt[order], src[order], vals[order]
-        counts = torch.bincount(tgt, minlength=n_t)
-        slot = torch.arange(tgt.numel(), device=G.device) - (torch.cumsum(counts, 0) - counts)[tgt]
-        if int((self.fill[sl] + counts).max()) > self.width:
-            full = (self.fill[sl] + counts > self.width).nonzero().squeeze(1) + t0
-            self._merge(full, vals.new_empty((full.numel(), 0)), src.new_empty((full.numel(), 0)))
-            if int((self.fill[sl] + counts).max()) > self.width:
-                # More new candidates for one target than a pool holds (poor tau): padded merge of all.
-                pv = torch.full((n_t, int(counts.max())), math.inf, dtype=G.dtype, device=G.device)
-                pi = torch.zeros(pv.shape, dtype=torch.long, device=G.device)
-                pv[tgt, slot] = vals
-                pi[tgt, slot] = src + s0
-                self._merge(sl, pv, pi)
-                return
-        pos = self.fill[sl][tgt] + slot
-        self.val[tgt + t0, pos] = vals
-        self.idx[tgt + t0, pos] = src + s0
-        self.fill[sl] += counts
+        vals = G.view(-1).index_select(0, flat)
+        r = flat.div(w, rounding_mode="floor")
+        c = flat - r * w
+        if columns:  # group by target: the flat indices list the entries row by row, i.e. by source
+            order = _stable_order(c, w)
+            r, c, vals = c[order], r[order], vals[order]
+        self._append(t0, n_t, r, c + s0, vals)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The k smallest squared distances [n, k] (unsorted) and their indices."""
@@ -220,14 +257,33 @@ def _search(
             G = torch.addmm(sq[None, a:b], Xc[a:b], Xc[a:b].T, alpha=-2.0).add_(sq[a:b, None])
             G.fill_diagonal_(math.inf)
             # The square holds both (i, j) and (j, i): offering it to its rows alone covers every pair once.
-            top.offer(G, a, a, transposed=False)
+            top.offer(G, a, a, both=False)
     for a in range(lo, hi, rows):
         b = min(hi, a + rows)
         for c0 in range(b, hi, width):
             c1 = min(hi, c0 + width)
             G = torch.addmm(sq[None, c0:c1], Xc[a:b], Xc[c0:c1].T, alpha=-2.0).add_(sq[a:b, None])
-            top.offer(G, a, c0, transposed=False)
-            top.offer(G, c0, a, transposed=True)
+            top.offer(G, a, c0, both=True)
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of a contiguous mask (numpy's SIMD nonzero is ~3x faster on CPU)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.view(-1).nonzero().squeeze(1)
+
+
+def _stable_order(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """Stable argsort of integer keys in [0, bound) (numpy's radix sort on uint16 keys on CPU, ~3x faster)."""
+    if keys.device.type == "cpu" and bound <= 2**16:
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+    return torch.argsort(keys, stable=True)
+
+
+def _sq_norms(X: torch.Tensor) -> torch.Tensor:
+    """Squared row norms by one fused reduction (``vecdot`` materialises X * X: ~3x slower on CPU). Off by a
+    few ulp from a plain sum of squares: fine for the search, not for the refinement."""
+    return torch.linalg.vector_norm(X, dim=1).square_()
 
 
 def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,11 +291,16 @@ def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tens
     [m, k] table ``idx``."""
     m, k = idx.shape
     n, d = X.shape
-    # One pass and one [n, d] float64 allocation: X - centre promotes to float64, exactly for float32 X. Any
-    # approximate centre serves (it only has to shrink the norms), so the mean is taken in X's dtype; a
-    # dtype=float64 mean would first materialise a float64 copy of X.
-    X64 = torch.sub(X, X.mean(dim=0, keepdim=True).to(torch.float64))
-    sq = torch.linalg.vecdot(X64, X64)
+    # One [n, d] float64 allocation: a float64 copy of X (exact for float32 X), centred in place (~1.7x faster
+    # than the mixed-dtype X - centre). Any approximate centre serves (it only has to shrink the norms), so the
+    # mean is taken in X's dtype; a dtype=float64 mean would first materialise a float64 copy of X.
+    X64 = X.to(torch.float64, copy=True).sub_(X.mean(dim=0, keepdim=True).to(torch.float64))
+    # Plain sums of squares (exact where the data are, e.g. a lattice; a norm's sqrt-then-square is not), in row
+    # chunks: vecdot materialises X64 * X64, which would double the peak memory of the whole search.
+    sq = torch.empty(n, dtype=torch.float64, device=X.device)
+    step = max(1, _DIFF_ELEMENTS // d)  # rows per chunk here and in the fallbacks below
+    for s in range(0, n, step):
+        sq[s : s + step] = torch.linalg.vecdot(X64[s : s + step], X64[s : s + step])
     Q64 = X64 if queries is None else X64[queries]
     rows = (torch.arange(m, device=X.device) if queries is None else queries).repeat_interleave(k)
     cols = idx.reshape(-1)
@@ -254,7 +315,6 @@ def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tens
             dots = torch.sparse.sampled_addmm(pattern, Q64, X64.T, beta=0.0).values()
     except (RuntimeError, NotImplementedError):  # a backend without sampled_addmm: batched dot products
         dots = torch.empty(m * k, dtype=torch.float64, device=X.device)
-        step = max(1, _DIFF_ELEMENTS // d)
         for s in range(0, m * k, step):
             dots[s : s + step] = torch.linalg.vecdot(X64[rows[s : s + step]], X64[cols[s : s + step]])
     scale = sq[rows] + sq[cols]
@@ -262,7 +322,6 @@ def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tens
     # Round-off of the dot-product formula is ~sqrt(d) * eps * (||x||^2 + ||y||^2); where that is not far
     # below d2 (a pair much closer than its distance to the centroid), take the coordinate differences.
     bad = (scale * (math.sqrt(d) * torch.finfo(torch.float64).eps) > _REFINE_RTOL * d2).nonzero().squeeze(1)
-    step = max(1, _DIFF_ELEMENTS // d)
     for s in range(0, bad.numel(), step):
         sel = bad[s : s + step]
         diff = X[rows[sel]].to(torch.float64) - X[cols[sel]].to(torch.float64)
@@ -293,21 +352,24 @@ def knn_from_points(
     Xc = X - X.mean(dim=0, keepdim=True)
     # A power-of-two rescale (exact) keeps squared coordinates away from float32 overflow and underflow; it
     # changes no ranking and the refined distances are computed from X itself.
-    amax = float(Xc.abs().amax()) if Xc.numel() else 0.0
+    amax = float(torch.stack(torch.aminmax(Xc)).abs().max()) if Xc.numel() else 0.0  # no [n, d] temporary
     scale = 1.0
     if amax > 0 and not 2.0**-40 < amax < 2.0**40:
         scale = 2.0 ** -math.frexp(amax)[1]
         Xc = Xc * scale
-    sq = torch.linalg.vecdot(Xc, Xc)  # no [n, d] temporary
+    sq = _sq_norms(Xc)
     top = _RunningTopK(n, k, Xc.dtype, X.device)
     rows, leaf, width = _block_shape(n, chunk_size)
     _search(Xc, sq, top, 0, n, rows, leaf, width)
     del Xc
     val, idx = top.result()
+    # Neighbours in index order: the refinement's gathers then walk X forwards (~1.4x faster), and the
+    # stable sort below breaks exact distance ties by index, as a brute-force argsort does.
+    idx, order = torch.sort(idx, dim=1)
     if refine:
         d2 = refined_sq_distances(X, idx)
     else:
-        d2 = val.to(torch.float64).clamp_min_(0.0) / (scale * scale)
+        d2 = torch.gather(val, 1, order).to(torch.float64).clamp_min_(0.0) / (scale * scale)
     d2, order = torch.sort(d2, dim=1, stable=True)
     return d2.sqrt_(), torch.gather(idx, 1, order)
 

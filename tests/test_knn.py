@@ -7,7 +7,15 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from analysis.knn import as_points, compute_dtype, knn_distances, knn_from_points, unique_rows
+from analysis.knn import (
+    _flat_nonzero,
+    _stable_order,
+    as_points,
+    compute_dtype,
+    knn_distances,
+    knn_from_points,
+    unique_rows,
+)
 
 
 def _brute(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,11 +50,52 @@ def test_symmetric_path_with_several_row_blocks_and_column_segments(monkeypatch)
     monkeypatch.setattr(knn, "_AUTO_ROWS", 64)
     monkeypatch.setattr(knn, "_LEAF_ROWS", 16)
     monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 64 * 100)
+    monkeypatch.setattr(knn, "_SMALL_ELEMENTS", 0)  # no single-block shortcut for small clouds
     X = _cloud(701, 12, seed=2, dtype=np.float32)
     ref_d, ref_i = _brute(X, 9)
     d, i = knn_distances(X, 9)
     np.testing.assert_array_equal(i.numpy(), ref_i)
     np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-12, atol=0)
+
+
+def test_adversarial_order_takes_the_dense_compaction_and_padded_merge_paths(monkeypatch):
+    # Rows ordered so that every leaf square holds points ~1000 apart while the true neighbours sit in other
+    # blocks: the leaf's tau is useless, so later blocks pass many entries (dense topk, pools overflowing
+    # into compactions and padded merges). The result must still be the brute-force one.
+    import analysis.knn as knn
+
+    monkeypatch.setattr(knn, "_AUTO_ROWS", 64)
+    monkeypatch.setattr(knn, "_LEAF_ROWS", 16)
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 64 * 100)
+    monkeypatch.setattr(knn, "_SMALL_ELEMENTS", 0)  # no single-block shortcut for small clouds
+    merged_rows = []
+    real_merge = knn._RunningTopK._merge
+
+    def spy(self, rows, vals, idx):
+        merged_rows.append((isinstance(rows, slice), vals.shape[1]))
+        real_merge(self, rows, vals, idx)
+
+    monkeypatch.setattr(knn._RunningTopK, "_merge", spy)
+    n = 640
+    i = np.arange(n)
+    pos = (i % 64) * 1000.0 + i // 64
+    X = np.column_stack([pos, _cloud(n, 3, seed=9) * 0.01]).astype(np.float32)
+    ref_d, ref_i = _brute(X, 9)
+    d, idx = knn_distances(X, 9)
+    np.testing.assert_array_equal(idx.numpy(), ref_i)
+    np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-12, atol=0)
+    assert any(not is_slice for is_slice, _ in merged_rows)  # compaction of overflowing pools
+    assert any(is_slice and c == 9 for is_slice, c in merged_rows)  # a dense topk over a block
+    assert any(is_slice and c > 9 for is_slice, c in merged_rows)  # a padded merge of an overflow
+
+
+def test_flat_nonzero_and_stable_order_equal_torchs():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(37, 1001, generator=g) < 0.02
+    assert torch.equal(_flat_nonzero(mask), mask.view(-1).nonzero().squeeze(1))
+    for bound in (50, 2**16, 2**16 + 7):  # the numpy radix path (uint16 keys) and torch's sort beyond it
+        keys = torch.randint(0, bound, (5000,), generator=g)
+        assert torch.equal(_stable_order(keys, bound), torch.argsort(keys, stable=True))
 
 
 def test_k_larger_than_a_leaf_and_k_equal_n_minus_one():
@@ -109,6 +158,32 @@ def test_no_block_larger_than_the_chunk(monkeypatch):
     sizes.clear()
     knn_distances(torch.randn(5000, 8), 3)  # beyond that, blocks of at most 2**22 distances
     assert max(r * c for r, c in sizes) <= 2**22
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unique_rows_tells_duplicates_from_rows_with_the_same_bit_sum(dtype):
+    # Rows 1 and 4 are permutations of row 0 (equal sums of bit patterns, the pre-filter's key) but distinct;
+    # rows 2 and 6 repeat rows 0 and 3 (row 6 with -0.0), row 5 repeats row 4.
+    X = torch.tensor(
+        [
+            [1.0, 2.0, 3.0],
+            [2.0, 1.0, 3.0],
+            [1.0, 2.0, 3.0],
+            [0.0, 5.0, 0.0],
+            [3.0, 2.0, 1.0],
+            [3.0, 2.0, 1.0],
+            [0.0, 5.0, -0.0],
+        ],
+        dtype=dtype,
+    )
+    U, kept = unique_rows(X)
+    assert kept.tolist() == [0, 1, 3, 4] and torch.equal(U, X[kept])
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(0))
+    Y = torch.from_numpy(_cloud(500, 8, seed=10)).to(dtype)
+    assert unique_rows(Y)[1].tolist() == list(range(500))  # no duplicates: every row kept, in order
+    Z = torch.cat([Y, Y[perm[:50]]])
+    U, kept = unique_rows(Z)
+    assert kept.tolist() == list(range(500)) and torch.equal(U, Y)
 
 
 def test_duplicates_are_neighbours_at_distance_zero():
