@@ -12,6 +12,8 @@ from conftest import DEFAULT_CONFIG, TINY_GROKKING
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from streamlit.testing.v1 import AppTest
+from test_tod_continual import CONFIG as CONTINUAL_CONFIG
+from test_tod_continual import TINY as TINY_CONTINUAL
 
 from workbench import runs
 from workbench.cli import main
@@ -22,19 +24,6 @@ from workbench.snapshots import load_snapshots
 from workbench.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTINUAL_CONFIG = str(ROOT / "configs" / "tod_continual.yaml")
-TINY_CONTINUAL = [  # two domains of two PPO iterations each, a snapshot at every step
-    "continual.domains=[restaurant,hotel]",
-    "train.max_steps=2",
-    "train.eval_every=1",
-    "env.eval_dialogues=5",
-    "ppo.num_envs=2",
-    "ppo.num_steps=16",
-    "policy.hidden_size=16",
-    "snapshot.every=1",
-    "snapshot.probes=30",
-    "tracking.run_name=continual",
-]
 STOPS_AT_FIRST_EVAL = "- name: done\n  when: {metric: eval/acc, mode: max, stopping_threshold: 0}\n  actions: [stop]\n"
 
 
@@ -50,7 +39,7 @@ def store(tmp_path_factory):
         ids = {}
         for name, extra in (("geometry", []), ("plain", ["snapshot.enabled=false"])):
             assert main(["run", DEFAULT_CONFIG, *TINY_GROKKING, *extra, f"tracking.run_name={name}"]) == 0
-        assert main(["run", CONTINUAL_CONFIG, *TINY_CONTINUAL]) == 0
+        assert main(["run", CONTINUAL_CONFIG, *TINY_CONTINUAL, "tracking.run_name=continual"]) == 0
         client = MlflowClient(uri)
         for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
             ids[run.info.run_name] = run.info.run_id

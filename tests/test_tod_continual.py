@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.tod.continual import ClearPPO, ReservoirBuffer, continual_metrics
+from pipelines.tod.continual import ClearPPO, ReservoirBuffer, continual_metrics, vtrace
 from pipelines.tod.data import DomainGoal, Goal, load_dataset
-from pipelines.tod.ddpt import DDPTPolicy, DescribedSpace, load_descriptions
+from pipelines.tod.ddpt import DDPTPolicy, DescribedSpace, encode_descriptions, load_descriptions
 from pipelines.tod.env import DialogueEnv, Rewards
 from pipelines.tod.evaluator import summarize
 from pipelines.tod.policy import MLPPolicy, RuleExpert, ValueNetwork, behaviour_cloning_epoch, run_dialogues
@@ -16,6 +16,7 @@ from pipelines.tod.simulator import AgendaUser, GoalGenerator
 from pipelines.tod.synthetic import DOMAINS, write_synthetic_dataset
 from workbench.cli import main
 from workbench.config import ClearConfig, TODPPOSettings
+from workbench.errors import WorkbenchError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tod_continual.yaml")
 TINY = [
@@ -105,33 +106,158 @@ def test_forgetting_and_forward_transfer_follow_the_literatures_definitions():
     assert out["continual/earlier_success"] == pytest.approx(0.5) and out["continual/newest_success"] == 0.7
 
 
-def test_clear_policy_cloning_pulls_the_policy_back_to_the_replayed_behaviour(dataset):
+def test_vtrace_is_the_gae_return_on_policy_and_truncates_the_importance_weight_off_policy():
+    torch.manual_seed(0)
+    rewards, values, bootstrap = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3)
+    dones = torch.zeros(3, 8)
+    dones[0, 2] = dones[1, 7] = 1.0
+    gamma, lam = 0.99, 0.95
+    vs, adv = vtrace(torch.zeros(3, 8), rewards, dones, values, bootstrap, gamma, lam, 1.0)
+    gae, last = torch.zeros(3, 8), torch.zeros(3)  # PPO's GAE recursion (ppo.py)
+    for t in reversed(range(8)):
+        following = bootstrap if t == 7 else values[:, t + 1]
+        delta = rewards[:, t] + gamma * following * (1 - dones[:, t]) - values[:, t]
+        last = delta + gamma * lam * (1 - dones[:, t]) * last
+        gae[:, t] = last
+    assert torch.allclose(vs, values + gae, atol=1e-5)
+    # One step: v_s = V + min(rho_bar, pi/mu) (r + gamma V' - V); an act pi no longer takes corrects nothing.
+    r, v, boot = torch.tensor([[1.0], [1.0]]), torch.tensor([[0.5], [0.5]]), torch.tensor([2.0, 2.0])
+    vs, adv = vtrace(torch.tensor([[np.log(3.0)], [-1e9]]), r, torch.zeros(2, 1), v, boot, 0.9, 1.0, 2.0)
+    target = 1.0 + 0.9 * 2.0 - 0.5
+    assert vs[:, 0].tolist() == pytest.approx([0.5 + 2.0 * target, 0.5]) and adv[1, 0] == 0.0
+
+
+def _learner(dataset, buffer, clear, num_steps=16, lr=1e-2):
     env = make_env(dataset)
+    torch.manual_seed(0)
     model, value = MLPPolicy(len(env.vectorise), len(env.actions), 16, 1), ValueNetwork(len(env.vectorise), 16)
-    buffer = ReservoirBuffer(64, np.random.default_rng(0))
-    obs = torch.from_numpy(np.stack([env.vectorise(env.reset(g)) for g in _goals(dataset, "hotel", 64)]))
-    behaviour = torch.full((64, len(env.actions)), -3.0)
-    actions = torch.zeros(64, len(env.actions))
+    goals = iter(_goals(dataset, "hotel", 200))
+    settings = TODPPOSettings(num_envs=2, num_steps=num_steps, lr=lr, num_minibatches=1)
+    envs = [make_env(dataset, seed=s) for s in (1, 2)]
+    return ClearPPO(model, value, envs, lambda: next(goals), settings, clear, buffer), env
+
+
+def test_clear_stores_whole_pieces_with_the_behaviour_log_probs_and_the_state_after_each(dataset):
+    buffer = ReservoirBuffer(4, np.random.default_rng(0))
+    learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=64), num_steps=32)
+    learner.store = lambda rollout, next_obs, store=learner.store: (seen.append(rollout), store(rollout, next_obs))
+    seen = []
+    learner.iteration()
+    rollout, data = seen[0], buffer.data
+    assert learner.piece == 16 and len(buffer) == 4  # 2 envs x 32 turns = 4 pieces of 16
+    # piece 1 = env 0, turns 16..31; the state after piece 0 is the first of piece 1
+    assert torch.equal(data["obs"][1], rollout["obs"][16:32, 0]) and torch.equal(
+        data["rewards"][2], rollout["rewards"][:16, 1]
+    )
+    assert torch.equal(data["next_obs"][0], data["obs"][1, 0]) and torch.equal(data["next_obs"][2], data["obs"][3, 0])
+    mu = torch.distributions.Bernoulli(logits=data["logits"]).log_prob(data["actions"]).sum(-1)
+    assert torch.allclose(data["logprobs"], mu, atol=1e-5) and torch.equal(
+        data["logprobs"][1], rollout["logprobs"][16:, 0]
+    )
+
+
+def test_clear_off_policy_gradient_pushes_down_a_bad_act_the_policy_prefers_over_the_behaviour(dataset):
+    """pi/mu > rho_bar on every replayed turn: a loss on the truncated ratio itself has no gradient there (the bug
+    of the first version); V-trace's rho (r + gamma v' - V) grad log pi still pushes the costly act down."""
+    env = make_env(dataset)
+    buffer = ReservoirBuffer(8, np.random.default_rng(0))
+    obs = torch.from_numpy(np.stack([env.vectorise(env.reset(g)) for g in _goals(dataset, "hotel", 8 * 16)]))
+    actions = torch.zeros(8, 16, len(env.actions))
+    actions[:4, :, 0] = 1.0  # act 0 taken in half the pieces, each of those turns costing 10
+    behaviour = torch.full((8, 16, len(env.actions)), -3.0)
+    behaviour[4:, :, 0] = 3.0  # mu took what it took with p = 0.05; pi (below) with p = 0.5: pi/mu = 10.5
     buffer.add(
         {
-            "obs": obs,
+            "obs": obs.reshape(8, 16, -1),
+            "actions": actions,
+            "logprobs": torch.distributions.Bernoulli(logits=behaviour).log_prob(actions).sum(-1),
+            "logits": behaviour,
+            "rewards": torch.where(actions[..., 0] > 0, -10.0, 0.0),
+            "dones": torch.ones(8, 16),
+            "values": torch.zeros(8, 16),
+            "next_obs": obs[:8],
+        }
+    )
+    learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=128, policy_cloning=0.0, value_cloning=0.0))
+    learner.replay_pieces = 8
+    head = learner.policy.head
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, -3.0)
+    with torch.no_grad():
+        head.bias[0] = 0.0
+
+    def p_act0():
+        return torch.sigmoid(learner.policy(obs).logits[:, 0]).mean().item()
+
+    before = p_act0()
+    for _ in range(10):
+        learner.optimizer.zero_grad()
+        learner.auxiliary_loss().backward()
+        learner.optimizer.step()
+    assert learner.replay_stats["rho"][0] == pytest.approx(1.0)  # every ratio truncated at rho_bar
+    assert p_act0() < before - 0.2, (before, p_act0())
+
+
+def test_clear_replay_leaves_alone_the_turns_the_policy_no_longer_takes(dataset):
+    """rho = 0 gives a zero advantage; centring the replayed advantages (as PPO does its own) would push them."""
+    env = make_env(dataset)
+    obs = torch.from_numpy(np.stack([env.vectorise(env.reset(g)) for g in _goals(dataset, "hotel", 32)]))
+    actions = torch.zeros(2, 16, len(env.actions))
+    actions[0, :, 1] = 1.0  # piece 0 took act 1, which pi (below) never takes
+    behaviour = torch.full((2, 16, len(env.actions)), -3.0)
+    replay = {
+        "obs": obs.reshape(2, 16, -1),
+        "actions": actions,
+        "logprobs": torch.distributions.Bernoulli(logits=behaviour).log_prob(actions).sum(-1),
+        "logits": behaviour,
+        "rewards": torch.linspace(-5.0, 10.0, 32).reshape(2, 16),
+        "dones": torch.ones(2, 16),
+        "values": torch.zeros(2, 16),
+        "next_obs": obs[:2],
+    }
+    buffer = ReservoirBuffer(2, np.random.default_rng(0))
+    learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=32, policy_cloning=0.0, value_cloning=0.0))
+    learner.buffer.sample = lambda n: replay
+    torch.nn.init.zeros_(learner.policy.head.weight)
+    torch.nn.init.constant_(learner.policy.head.bias, -3.0)  # pi = mu on piece 1: rho = 1
+    with torch.no_grad():
+        learner.policy.head.bias[1] = -40.0
+    seen, forward = [], learner.policy.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits.retain_grad()
+        seen.append(out.logits)
+        return out
+
+    learner.policy.forward = spy
+    learner.auxiliary_loss().backward()
+    grad = seen[0].grad
+    assert grad[0].abs().max() < 1e-6 and grad[1].abs().max() > 1e-3
+
+
+def test_clear_policy_cloning_pulls_the_policy_back_to_the_replayed_behaviour(dataset):
+    env = make_env(dataset)
+    buffer = ReservoirBuffer(4, np.random.default_rng(0))
+    obs = torch.from_numpy(np.stack([env.vectorise(env.reset(g)) for g in _goals(dataset, "hotel", 64)]))
+    behaviour, actions = torch.full((4, 16, len(env.actions)), -3.0), torch.zeros(4, 16, len(env.actions))
+    buffer.add(
+        {
+            "obs": obs.reshape(4, 16, -1),
             "actions": actions,
             "logprobs": torch.distributions.Bernoulli(logits=behaviour).log_prob(actions).sum(-1),
         }
-        | {"logits": behaviour, "returns": torch.zeros(64), "values": torch.zeros(64)}
+        | {"logits": behaviour, "rewards": torch.zeros(4, 16), "dones": torch.zeros(4, 16)}
+        | {"values": torch.zeros(4, 16), "next_obs": obs[:4]}
     )
-    clear = ClearConfig(replay_size=64, policy_cloning=1.0, value_cloning=1.0)
-    goals = iter(_goals(dataset, "hotel", 5))
-    learner = ClearPPO(
-        model, value, [env], lambda: next(goals), TODPPOSettings(num_envs=1, num_steps=64, lr=1e-2), clear, buffer
-    )
+    learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=64, policy_cloning=1.0, value_cloning=1.0))
     before = learner.auxiliary_loss().item()
     for _ in range(50):
         learner.optimizer.zero_grad()
         learner.auxiliary_loss().backward()
         learner.optimizer.step()
     assert learner.auxiliary_loss().item() < 0.5 * before
-    assert learner.replay_stats["policy_cloning"][-1] < learner.replay_stats["policy_cloning"][0]
+    assert learner.replay_stats["policy_cloning"][-1] < 0.2 * learner.replay_stats["policy_cloning"][0]
 
 
 def _goals(dataset, domain, n, seed=0):
@@ -187,6 +313,34 @@ def test_a_description_file_changes_the_words_and_a_missing_entry_is_named(datas
         load_descriptions(path, env.actions, env.vectorise)
 
 
+def test_a_local_transformers_encoder_describes_the_acts_frozen_and_a_bad_path_is_named(dataset, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    env = make_env(dataset)
+    space = DescribedSpace(env.actions, env.vectorise, load_descriptions(None, env.actions, env.vectorise))
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *sorted(space.vocabulary)])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24
+    )
+    BertModel(config).save_pretrained(tmp_path)
+
+    acts, features = encode_descriptions(str(tmp_path), space)
+    assert acts.shape == (len(env.actions), 2, 12) and features.shape == (len(env.vectorise), 2, 12)
+    reqmore = env.actions.acts.index(("reqmore", "general", ""))
+    assert torch.all(acts[reqmore, 1] == 0) and not torch.allclose(acts[0, 1], acts[1, 1])  # no slot: zeros
+    model = DDPTPolicy(space, 16, 1, (acts, features))
+    assert model.words is None and model.act_proj.in_features == 24  # the encoder is not trained: no weights here
+    state = torch.from_numpy(env.vectorise(env.reset(_goals(dataset, "hotel", 1)[0])))
+    assert model(state).logits.shape == (len(env.actions),)
+    with pytest.raises(WorkbenchError, match=r"^policy.encoder: .*nowhere: not a transformers model"):
+        encode_descriptions(str(tmp_path / "nowhere"), space)
+
+
 # --- the stage ----------------------------------------------------------------------------------------
 
 
@@ -219,6 +373,7 @@ def test_continual_run_nests_a_run_per_domain_with_snapshots_and_logs_forgetting
         ("continual.domains=[restaurant,police]", "continual.domains: police not in env.domains"),
         ("continual.clear.replay_size=0", "continual.clear.replay_size"),
         ("policy.descriptions=missing.json", "policy.descriptions: missing.json: no such file"),
+        ("policy.encoder=no/such/model", "policy.encoder: no/such/model: not a transformers model"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field_and_exit_2(override, message, tracking_uri, capsys):

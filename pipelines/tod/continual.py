@@ -1,12 +1,16 @@
 """The `tod_continual` stage: one dialogue policy trained with PPO on a sequence of domains, naively or with CLEAR.
 
 CLEAR (Rolnick et al. 2019, "Experience Replay for Continual Learning"): every rollout goes into a replay buffer
-(reservoir sampling when it is full, so each transition seen so far is kept with the same probability), and
-every minibatch update adds, on a replayed minibatch, (1) an off-policy policy gradient with the importance
-weight pi/mu truncated at rho_bar (V-trace's truncation, Espeholt et al. 2018) inside PPO's clipped surrogate,
-on the advantage of the stored return over the current value (one step of V-trace's correction; its n-step
-targets are not computed), (2) policy cloning, KL(mu || pi) between the stored behaviour act distribution and the
-current one, and (3) value cloning, the squared distance to the stored values.
+as pieces of consecutive turns (reservoir sampling when it is full, so each piece seen so far is kept with the same
+probability) with the behaviour policy mu's log-probabilities and logits and the values of the time; every minibatch
+update adds, on replayed pieces, (1) V-trace's off-policy actor-critic loss (Espeholt et al. 2018): the policy
+gradient rho_s (r_s + gamma v_{s+1} - V(x_s)) grad log pi with rho_s = min(rho_bar, pi/mu) outside the gradient,
+and the value network regressed on the V-trace targets v_s, both computed under the current networks; (2) policy
+cloning, KL(mu || pi) to the stored act distribution; and (3) value cloning, the squared distance to the stored
+values. An earlier version put the truncated ratio inside PPO's clipped surrogate on one-step "stored return minus
+current value" advantages: min(pi/mu, 1) has no gradient once pi/mu > 1, so an act the policy had come to prefer
+was never pushed down however bad, while acts it had left were pulled back whenever their stale advantage was
+positive; that pulled the policy towards old behaviour and it forgot more than plain PPO (docs/tod.md).
 "Naive" is plain PPO on each new domain, starting from where the previous domain left the network.
 
 The state and action spaces are those of all `env.domains`, so one network serves every domain; goals of stage
@@ -24,6 +28,7 @@ domain, labelled by domain), so the app compares the policy's representation bef
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -34,13 +39,18 @@ from torch.distributions import Bernoulli, kl_divergence
 
 from pipelines import StageResult
 from pipelines.tod.data import TODDataset, load_dataset
-from pipelines.tod.ddpt import INITIAL_ACT_LOGIT, DDPTPolicy, DescribedSpace, load_descriptions
+from pipelines.tod.ddpt import (
+    INITIAL_ACT_LOGIT,
+    DDPTPolicy,
+    DescribedSpace,
+    encode_descriptions,
+    load_descriptions,
+)
 from pipelines.tod.env import DialogueEnv, env_factory
 from pipelines.tod.evaluator import summarize
-from pipelines.tod.policy import MLPPolicy, Policy, RandomPolicy, RuleExpert, ValueNetwork, run_dialogues
+from pipelines.tod.policy import MLPPolicy, Policy, RandomPolicy, RuleExpert, ValueNetwork, log_policy, run_dialogues
 from pipelines.tod.ppo import PPO
 from pipelines.tod.simulator import GoalGenerator
-from pipelines.tod.stage import _log_model
 from pipelines.tod.synthetic import write_synthetic_dataset
 from workbench.config import flatten
 from workbench.instrument import Instrument
@@ -55,10 +65,16 @@ STREAM_EVAL_GOALS, STREAM_EVAL_USER, STREAM_GOALS, STREAM_ENVS, STREAM_RANDOM, S
     20, 27
 )
 PROBE_DIALOGUES = 20  # rule-expert dialogues per domain whose states make the probe set
+REPLAY_PIECE = 16  # consecutive turns per replayed piece (its gcd with ppo.num_steps): V-trace needs trajectories
+
+
+def replay_piece(num_steps: int) -> int:
+    """Turns per replayed piece: REPLAY_PIECE, or a divisor of `num_steps` so every rollout cuts into whole pieces."""
+    return math.gcd(num_steps, REPLAY_PIECE)
 
 
 class ReservoirBuffer:
-    """Reservoir sampling (Vitter 1985, algorithm R) over transitions, each a row of every stored tensor."""
+    """Reservoir sampling (Vitter 1985, algorithm R) over rows of every stored tensor (here: pieces of turns)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
         self.capacity, self.rng, self.seen = capacity, rng, 0
@@ -90,6 +106,33 @@ class ReservoirBuffer:
         return {k: v[rows] for k, v in self.data.items()}
 
 
+def vtrace(
+    log_rhos: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    values: torch.Tensor,
+    bootstrap: torch.Tensor,
+    gamma: float,
+    lam: float,
+    rho_bar: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-trace targets v_s and policy-gradient advantages rho_s (r_s + gamma v_{s+1} - V(x_s)) (Espeholt et al.
+    2018, eq. 1 and section 4.2, by the recursion of remark 1) over `[B, L]` trajectory pieces, log_rhos = log pi/mu;
+    rho_s = min(rho_bar, pi/mu), c_s = lambda min(1, pi/mu). With pi = mu, v_s is PPO's GAE(lambda) return."""
+    ratio = log_rhos.exp()
+    rho, c = ratio.clamp(max=rho_bar), lam * ratio.clamp(max=1.0)
+    nonterminal = 1.0 - dones
+    following = torch.cat([values[:, 1:], bootstrap[:, None]], 1)
+    delta = rho * (rewards + gamma * nonterminal * following - values)
+    correction, acc = torch.zeros_like(values), torch.zeros_like(bootstrap)
+    for t in reversed(range(values.shape[1])):
+        acc = delta[:, t] + gamma * nonterminal[:, t] * c[:, t] * acc
+        correction[:, t] = acc
+    vs = values + correction
+    vs_following = torch.cat([vs[:, 1:], bootstrap[:, None]], 1)
+    return vs, rho * (rewards + gamma * nonterminal * vs_following - values)
+
+
 class ClearPPO(PPO):
     """PPO on fresh rollouts plus CLEAR's replay terms on every minibatch (module docstring)."""
 
@@ -105,47 +148,59 @@ class ClearPPO(PPO):
     ) -> None:
         super().__init__(policy, value, envs, sample_goal, settings)
         self.clear, self.buffer = clear, buffer
-        self.replay_rows = max(  # at least 2: advantages are normalised over the replayed rows
-            2, int(clear.replay_ratio * settings.num_envs * settings.num_steps / settings.num_minibatches)
-        )
+        self.piece = replay_piece(settings.num_steps)
+        rows = clear.replay_ratio * settings.num_envs * settings.num_steps / settings.num_minibatches
+        self.replay_pieces = max(1, round(rows / self.piece))
         self.replay_stats: dict[str, list[float]] = {}
 
+    def store(self, rollout: dict[str, torch.Tensor], next_obs: torch.Tensor) -> None:
+        """Each env's rollout cut into pieces of consecutive turns, with the behaviour policy mu's log-probs and
+        logits, the values of the time, and the state after the piece (V-trace's bootstrap)."""
+        with torch.no_grad():
+            steps = rollout | {"logits": self.policy(rollout["obs"]).logits, "values": self.value(rollout["obs"])}
+        (T, E), L = rollout["dones"].shape, self.piece
+        pieces = {k: v.transpose(0, 1).reshape(E * T // L, L, *v.shape[2:]) for k, v in steps.items()}
+        after = torch.cat([rollout["obs"][L::L], next_obs[None]])  # [T/L, E, state]: the state after each piece
+        pieces["next_obs"] = after.transpose(0, 1).reshape(E * T // L, -1)
+        self.buffer.add(pieces)
+
     def update(self, obs, actions, old_logprobs, advantages, returns) -> dict[str, float]:  # noqa: ANN001
-        with torch.no_grad():  # the behaviour policy mu of this rollout, stored with it
-            logits, values = self.policy(obs).logits, self.value(obs)
-        self.buffer.add(
-            {"obs": obs, "actions": actions, "logprobs": old_logprobs, "logits": logits, "returns": returns}
-            | {"values": values}
-        )
         self.replay_stats = {}
         stats = super().update(obs, actions, old_logprobs, advantages, returns)
         stats.update({f"clear/{k}": float(np.mean(v)) for k, v in self.replay_stats.items()})
-        stats["clear/buffer_size"] = float(len(self.buffer))
+        stats["clear/buffer_size"] = float(len(self.buffer) * self.piece)
         return stats
 
     def auxiliary_loss(self) -> torch.Tensor:
-        replay = self.buffer.sample(self.replay_rows)
-        dist = Bernoulli(logits=self.policy(replay["obs"]).logits)
+        replay = self.buffer.sample(self.replay_pieces)
+        dist = Bernoulli(logits=self.policy(replay["obs"]).logits)  # [pieces, L, acts]
         logprob = dist.log_prob(replay["actions"]).sum(-1)
-        ratio = (logprob - replay["logprobs"]).exp()  # pi/mu
-        rho = ratio.clamp(max=self.clear.rho_bar)  # truncated from above, as V-trace's rho-bar
-        # The advantage against the current value function, not the stale one stored with the rollout: an act that
-        # beat the early policy's baseline but falls short of today's is pushed down (V-trace's role, one step).
-        adv = replay["returns"] - self.value(replay["obs"]).detach()
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        # PPO's clipped surrogate on replayed data: once pi has moved past the clip for a stored act, that stale
-        # advantage stops pushing (a first version, -rho.detach() * adv * log pi, kept pushing and forgot more).
-        eps = self.args.clip_coef
-        off_policy = torch.max(-adv * rho, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
+        values = self.value(replay["obs"])
+        with torch.no_grad():  # targets and advantages under the current networks, not those stored
+            vs, adv = vtrace(
+                logprob - replay["logprobs"],
+                replay["rewards"],
+                replay["dones"],
+                values,
+                self.value(replay["next_obs"]),
+                self.args.gamma,
+                self.args.gae_lambda,
+                self.clear.rho_bar,
+            )
+            # On PPO's scale, but not centred: a turn pi no longer takes (rho = 0) must not be pushed either way, and
+            # subtracting the batch mean pushes it (a first V-trace run did: newest-domain success 0.45, seeds 0-1).
+            adv = adv / (adv.pow(2).mean().sqrt() + 1e-8)
+        # V-trace's actor-critic loss: rho_s A_s grad log pi, the weight outside the gradient, and the critic to v_s.
+        off_policy = -(adv * logprob).mean() + 0.5 * (values - vs).pow(2).mean()
         policy_cloning = kl_divergence(Bernoulli(logits=replay["logits"]), dist).sum(-1).mean()
-        value_cloning = (self.value(replay["obs"]) - replay["values"]).pow(2).mean()
+        value_cloning = (values - replay["values"]).pow(2).mean()
         for name, v in (
             ("off_policy_loss", off_policy),
             ("policy_cloning", policy_cloning),
             ("value_cloning", value_cloning),
+            ("rho", (logprob - replay["logprobs"]).exp().clamp(max=self.clear.rho_bar).mean()),
         ):
             self.replay_stats.setdefault(name, []).append(v.item())
-        self.replay_stats.setdefault("rho", []).append(rho.mean().item())
         return off_policy + self.clear.policy_cloning * policy_cloning + self.clear.value_cloning * value_cloning
 
 
@@ -202,7 +257,8 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
         space = DescribedSpace(
             env.actions, env.vectorise, load_descriptions(config.policy.descriptions, env.actions, env.vectorise)
         )
-        model: MLPPolicy | DDPTPolicy = DDPTPolicy(space, config.policy.hidden_size, config.policy.num_layers)
+        encoded = encode_descriptions(config.policy.encoder, space) if config.policy.encoder else None
+        model: MLPPolicy | DDPTPolicy = DDPTPolicy(space, config.policy.hidden_size, config.policy.num_layers, encoded)
     else:
         model = MLPPolicy(len(env.vectorise), len(env.actions), config.policy.hidden_size, config.policy.num_layers)
         torch.nn.init.constant_(model.head.bias, INITIAL_ACT_LOGIT)
@@ -218,7 +274,8 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
     tracker.log_metrics({f"baseline/random/success/{d}": f["tod/success_rate"] for d, f in baselines.items()}, 0)
     tracker.log_metrics({f"baseline/untrained/success/{d}": s for d, s in untrained.items()}, 0)
 
-    buffer = ReservoirBuffer(settings.clear.replay_size, np.random.default_rng([seed, STREAM_REPLAY]))
+    capacity = max(1, settings.clear.replay_size // replay_piece(config.ppo.num_steps))  # in pieces
+    buffer = ReservoirBuffer(capacity, np.random.default_rng([seed, STREAM_REPLAY]))
     experiment = tracker.client.get_experiment(tracker.client.get_run(tracker.run_id).info.experiment_id).name
     success: list[dict[str, float]] = []
     step, stopped = 0, []
@@ -290,7 +347,7 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
     summary = [*stopped, f"{settings.method} over {' -> '.join(sequence)} ({config.policy.kind} policy):", *matrix]
     summary.append(", ".join(f"{k.removeprefix('continual/')} {v:.3f}" for k, v in final.items()))
     metrics = {**final, **{f"continual/success/{d}": s for d, s in success[-1].items()}}
-    return StageResult(model_uri=_log_model(model, tracker), metrics=metrics, summary=summary)
+    return StageResult(model_uri=log_policy(model, tracker), metrics=metrics, summary=summary)
 
 
 def _probe_set(

@@ -11,6 +11,9 @@ learned biases for "same domain" and "same slot", the role DDPT's domain gate pl
 Nothing in the network is indexed by a fixed act or feature position, so the same weights act in a domain they
 were never trained on, given its slots' descriptions.
 
+`policy.encoder`, a local `transformers` model directory, replaces the trained word embeddings with that model's
+frozen, mean-pooled encoding of each description part (DDPT encodes its descriptions with a frozen RoBERTa).
+
 Descriptions default to the names themselves ("price range", "request"); a JSON file
 `{"intents": {intent: text}, "slots": {domain: {slot: text}}}` gives richer ones and must describe every intent
 and slot the environment uses.
@@ -98,6 +101,7 @@ class DescribedSpace:
                 kind, domain, slot = name[0], name[1], name[2] if len(name) > 2 else ""
             features.append((kind, slot_text(domain, slot)))
             feature_keys.append((domain, slot))
+        self.act_texts, self.feature_texts = acts, features
         vocabulary = sorted({w for text in (*acts, *features) for part in text for w in _words(part)})
         self.vocabulary = {w: i + 1 for i, w in enumerate(vocabulary)}
         self.act_words = self._encode(acts)
@@ -115,31 +119,70 @@ class DescribedSpace:
         return out
 
 
+def encode_descriptions(path: str, space: DescribedSpace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every description part of the acts and features (`[n, PARTS, width]`) through a local `transformers` encoder,
+    frozen: its last hidden states mean-pooled over the part's tokens (an empty part is zeros), computed once."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(f"policy.encoder: {path}: not a transformers model and tokenizer: {reason}") from None
+    texts = sorted({part for text in (*space.act_texts, *space.feature_texts) for part in text if part})
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = dict(zip(texts, (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0), strict=True))
+    zero = torch.zeros(hidden.shape[-1])
+
+    def stack(described: list[tuple[str, str]]) -> torch.Tensor:
+        return torch.stack([torch.stack([pooled[p] if p else zero for p in text]) for text in described])
+
+    return stack(space.act_texts), stack(space.feature_texts)
+
+
 class DDPTPolicy(nn.Module):
     """Described state features -> state summary (layer_00) -> MLP (layer_01..) ; per act: attention over the
-    active features, logit from [act, context, state]. Same call interface as `MLPPolicy`."""
+    active features, logit from [act, context, state]. Same call interface as `MLPPolicy`. With `encoded` (from
+    `encode_descriptions`) the descriptions are the frozen encoder's vectors instead of trained word embeddings."""
 
-    def __init__(self, space: DescribedSpace, hidden_size: int = 64, num_layers: int = 2) -> None:
+    def __init__(
+        self,
+        space: DescribedSpace,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("act_words", space.act_words, persistent=False)
         self.register_buffer("feature_words", space.feature_words, persistent=False)
         self.register_buffer("same_domain", space.same_domain, persistent=False)
         self.register_buffer("same_slot", space.same_slot, persistent=False)
         d = hidden_size
-        self.words = nn.Embedding(len(space.vocabulary) + 1, d, padding_idx=0)
-        self.act_proj = nn.Linear(PARTS * d, d)
-        self.feature_proj = nn.Linear(PARTS * d, d)
+        if encoded is None:
+            self.words, width = nn.Embedding(len(space.vocabulary) + 1, d, padding_idx=0), d
+        else:
+            self.words, width = None, encoded[0].shape[-1]
+            self.register_buffer("act_encoded", encoded[0], persistent=False)
+            self.register_buffer("feature_encoded", encoded[1], persistent=False)
+        self.act_proj = nn.Linear(PARTS * width, d)
+        self.feature_proj = nn.Linear(PARTS * width, d)
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.match_bias = nn.Parameter(torch.tensor([1.0, 1.0]))  # same domain, same slot
         self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(num_layers))
         self.head = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, 1))
         nn.init.constant_(self.head[-1].bias, INITIAL_ACT_LOGIT)
 
-    def describe(self, words: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        """Mean word embedding per description part, the parts concatenated and projected: [n, d]."""
-        mask = (words > 0).float().unsqueeze(-1)
-        parts = (self.words(words) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
-        return proj(parts.flatten(1))
+    def describe(self, words: torch.Tensor, encoded: torch.Tensor | None, proj: nn.Linear) -> torch.Tensor:
+        """Per description part its encoder vector, or else its mean word embedding; the parts concatenated and
+        projected: [n, d]."""
+        if encoded is None:
+            mask = (words > 0).float().unsqueeze(-1)
+            encoded = (self.words(words) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
+        return proj(encoded.flatten(1))
 
     def forward(
         self,
@@ -151,8 +194,8 @@ class DDPTPolicy(nn.Module):
         squeeze = x.dim() == 1
         x = x.unsqueeze(0) if squeeze else x
         flat = x.reshape(-1, x.shape[-1])  # probes come as [n, 1, features]
-        acts = self.describe(self.act_words, self.act_proj)  # [A, d]
-        features = self.describe(self.feature_words, self.feature_proj)  # [Fe, d]
+        acts = self.describe(self.act_words, getattr(self, "act_encoded", None), self.act_proj)  # [A, d]
+        features = self.describe(self.feature_words, getattr(self, "feature_encoded", None), self.feature_proj)
         h = flat @ features / flat.sum(-1, keepdim=True).clamp(min=1.0)  # the state: mean of its active features
         hidden = [h]
         for layer in self.layers:

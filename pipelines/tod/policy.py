@@ -10,18 +10,25 @@ input projection (the state's embedding) and layer_i the i-th hidden layer's act
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from pipelines.tod.data import TAXI, Goal
 from pipelines.tod.env import AtomicAct, DialogueEnv
 from pipelines.tod.evaluator import DialogueScore
 from pipelines.tod.tracker import DialogueState
+
+if TYPE_CHECKING:
+    from workbench.tracking import Tracker
 
 Policy = Callable[[DialogueState], Sequence[AtomicAct]]
 
@@ -162,3 +169,12 @@ def act_accuracy(model: MLPPolicy, states: torch.Tensor, targets: torch.Tensor) 
         loss = F.binary_cross_entropy_with_logits(logits, targets).item()
         exact = ((logits > 0).float() == targets).all(dim=-1).float().mean().item()
     return loss, exact
+
+
+def log_policy(model: MLPPolicy, tracker: Tracker, artifact_path: str = "model") -> str:
+    """The policy's weights as `<artifact_path>/policy.safetensors` (both TOD stages); their `runs:/` URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "policy.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        tracker.log_artifact(path, artifact_path)
+    return f"runs:/{tracker.run_id}/{artifact_path}"

@@ -69,8 +69,9 @@ class PPO:
                 self.states[e] = state
 
         # GAE: delta_t = r_t + gamma V(s_t+1) (1 - done_t) - V(s_t); A_t = delta_t + gamma lambda (1 - done_t) A_t+1
+        next_obs = self._observe()
         with torch.no_grad():
-            next_value = self.value(self._observe())
+            next_value = self.value(next_obs)
         advantages = torch.zeros_like(rewards)
         last = torch.zeros(n_envs)
         for t in reversed(range(args.num_steps)):
@@ -81,6 +82,7 @@ class PPO:
             advantages[t] = last
         returns = advantages + values
 
+        self.store({"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": rewards, "dones": dones}, next_obs)
         stats = self.update(
             obs.flatten(0, 1), actions.flatten(0, 1), logprobs.flatten(), advantages.flatten(), returns.flatten()
         )
@@ -92,6 +94,10 @@ class PPO:
             stats["rollout/success_rate"] = float(np.mean([f[1] for f in finished]))
             stats["rollout/turns"] = float(np.mean([f[2] for f in finished]))
         return stats
+
+    def store(self, rollout: dict[str, torch.Tensor], next_obs: torch.Tensor) -> None:
+        """Sees every rollout (`[num_steps, num_envs, ...]`, the state after it) before its update; CLEAR's
+        replay buffer (`continual.py`) keeps it here."""
 
     def auxiliary_loss(self) -> torch.Tensor | float:
         """Added to every minibatch's loss; CLEAR's replay terms (`continual.py`) come in here."""

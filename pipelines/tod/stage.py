@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +31,7 @@ from pipelines.tod.policy import (
     ValueNetwork,
     act_accuracy,
     behaviour_cloning_epoch,
+    log_policy,
     run_dialogues,
 )
 from pipelines.tod.ppo import PPO
@@ -147,7 +147,7 @@ def run(config: TODConfig, tracker: Tracker) -> StageResult:
         tracker.log_metrics(metrics, step)
         decision = engine.observe(step, {**geometry, **metrics})
         if decision.checkpoint:
-            _log_model(model, tracker, f"checkpoints/step_{step:08d}")
+            log_policy(model, tracker, f"checkpoints/step_{step:08d}")
         if decision.stop:
             stopped.append(f"stopped at step {step}: {decision.reason}")
         return decision.stop
@@ -225,15 +225,4 @@ def run(config: TODConfig, tracker: Tracker) -> StageResult:
         f"final: inform F1 {final['tod/inform_f1']:.3f}, book rate {final['tod/book_rate']:.3f}, "
         f"turns {final['tod/turns']:.2f}",
     ]
-    return StageResult(model_uri=_log_model(model, tracker), metrics=facts, summary=summary)
-
-
-def _log_model(model: MLPPolicy, tracker: Tracker, artifact_path: str = "model") -> str:
-    """The policy's weights as safetensors; `model/policy_io.json` names its inputs and outputs."""
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "policy.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        tracker.log_artifact(path, artifact_path)
-    return f"runs:/{tracker.run_id}/{artifact_path}"
+    return StageResult(model_uri=log_policy(model, tracker), metrics=facts, summary=summary)
