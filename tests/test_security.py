@@ -101,7 +101,7 @@ UNSAFE = {
     "torch.load without weights_only=True": re.compile(r"torch\.load\((?![^)]*weights_only=True)"),
     "eval/exec": re.compile(r"(?<![.\w])(eval|exec)\("),
     "unsafe yaml": re.compile(r"yaml\.(load|unsafe_load|full_load|load_all)\(|Loader="),
-    "numpy pickle": re.compile(r"allow_pickle=True"),
+    "numpy pickle": re.compile(r"allow_pickle\s*=\s*True"),
     "remote code": re.compile(r"trust_remote_code=True"),
 }
 
