@@ -341,12 +341,10 @@ def _block_shape(n: int, chunk_size: int | None) -> tuple[int, int, int]:
 
 
 def knn_from_points(
-    X: torch.Tensor, k: int, chunk_size: int | None = None, refine: bool | None = None
+    X: torch.Tensor, k: int, chunk_size: int | None = None, refine: bool | float = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn_distances` on an already validated tensor (see :func:`as_points`); no checks repeated."""
-    n = X.shape[0]
-    if refine is None:
-        refine = True
+    n, d = X.shape
     # Distances are translation invariant; centring shrinks ||x||^2 relative to the distances and so the
     # cancellation error of ||x||^2 + ||y||^2 - 2 x.y.
     Xc = X - X.mean(dim=0, keepdim=True)
@@ -361,21 +359,31 @@ def knn_from_points(
     top = _RunningTopK(n, k, Xc.dtype, X.device)
     rows, leaf, width = _block_shape(n, chunk_size)
     _search(Xc, sq, top, 0, n, rows, leaf, width)
+    eps = torch.finfo(Xc.dtype).eps
     del Xc
     val, idx = top.result()
     # Neighbours in index order: the refinement's gathers then walk X forwards (~1.4x faster), and the
     # stable sort below breaks exact distance ties by index, as a brute-force argsort does.
     idx, order = torch.sort(idx, dim=1)
-    if refine:
+    if refine is True:
         d2 = refined_sq_distances(X, idx)
     else:
-        d2 = torch.gather(val, 1, order).to(torch.float64).clamp_min_(0.0) / (scale * scale)
+        d2 = torch.gather(val, 1, order).clamp_min_(0.0)
+        rough = None
+        if refine is not False:
+            # Refine only the points where the search's round-off, ~sqrt(d) * eps * (||x||^2 + ||y||^2) on the
+            # centred points (Higham 2002, sec. 3.1, for the dot product), may exceed ``refine`` relative.
+            bound = (sq[:, None] + sq[idx]).mul_(math.sqrt(d) * eps)
+            rough = (bound > refine * d2).any(dim=1).nonzero().squeeze(1)
+        d2 = d2.to(torch.float64) / (scale * scale)
+        if rough is not None and rough.numel():
+            d2[rough] = refined_sq_distances(X, idx[rough], queries=rough)
     d2, order = torch.sort(d2, dim=1, stable=True)
     return d2.sqrt_(), torch.gather(idx, 1, order)
 
 
 def knn_distances(
-    X: ArrayLike, k: int, chunk_size: int | None = None, *, refine: bool | None = None
+    X: ArrayLike, k: int, chunk_size: int | None = None, *, refine: bool | float = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Euclidean k-nearest-neighbour distances of every row of X to the other rows.
 
@@ -393,11 +401,13 @@ def knn_distances(
     chunk_size : int, optional
         Rows per block. A block holds at most ``chunk_size x max(chunk_size, 2**22 // chunk_size)`` and
         never more than ``chunk_size x n_points`` distances. Default: 1024-row blocks of ~2**22 distances.
-    refine : bool, optional
-        Recompute the k selected distances in float64 (dot products of float64-centred points, coordinate
-        differences where those could lose more than ~1e-13 relative; a duplicate's distance is exactly 0).
-        Default on (it costs a few percent); off returns the search's own values, which are float32-accurate
-        for a float32 search.
+    refine : bool or float, default True
+        True: recompute the k selected distances in float64 (dot products of float64-centred points,
+        coordinate differences where those could lose more than ~1e-13 relative; a duplicate's distance is
+        exactly 0); it costs ~10 % of the search. False: return the search's own values (from centred
+        points; ~1e-6 relative on typical float32 clouds, but points much closer to each other than to the
+        centroid can lose every digit). A float r: recompute only the points whose search round-off bound
+        may exceed r relative in a squared distance, keep the search's values elsewhere.
 
     Returns
     -------
@@ -413,5 +423,7 @@ def knn_distances(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1
     ):
         raise ValueError(f"knn_distances: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if not isinstance(refine, bool) and not (isinstance(refine, float) and refine >= 0):
+        raise ValueError(f"knn_distances: refine must be True, False or a relative tolerance >= 0, got {refine!r}")
     pts = as_points(X, min_points=int(k) + 1, who="knn_distances")
     return knn_from_points(pts, int(k), None if chunk_size is None else int(chunk_size), refine)

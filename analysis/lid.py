@@ -28,6 +28,11 @@ from analysis.knn import ArrayLike, as_points, knn_from_points, refined_sq_dista
 # once (16 MiB in float64). Fewer, larger chunks mean fewer parallel regions, which matters most when the
 # cores are shared with other processes.
 _PW_CHUNK_ELEMENTS = 2**21
+# Relative round-off tolerated in a squared kNN distance by the online estimates (twonn_mle): both use
+# log distance ratios, so this moves them by at most ~1e-5 x the dimension, far inside the estimators' own
+# statistical error, while only the few points whose float32 search value could be worse are recomputed in
+# float64 (see knn_from_points; ~7 % of the points of a 5 000 x 768 hidden-state-like cloud).
+_ONLINE_RTOL = 1e-5
 
 
 class _Estimator:
@@ -532,8 +537,10 @@ class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
 def twonn_mle(X: ArrayLike, n_neighbors: int = 20, discard_fraction: float = 0.1) -> tuple[float, float]:
     """Global TwoNN and MLE from one deduplication and one kNN search: the online path of a training loop.
 
-    Returns exactly ``(TwoNN(discard_fraction).fit(X).dimension_, MLE(n_neighbors).fit(X).dimension_)`` at
-    about half their combined cost (the k = n_neighbors search also gives TwoNN's r1 and r2). An estimate
+    Returns ``(TwoNN(discard_fraction).fit(X).dimension_, MLE(n_neighbors).fit(X).dimension_)`` at about
+    half their combined cost (the k = n_neighbors search also gives TwoNN's r1 and r2), to ~1e-5 x the
+    dimension: squared distances are only recomputed in float64 where the float32 search could be off by
+    more than ``_ONLINE_RTOL`` relative (the estimators fitted alone recompute every one). An estimate
     that needs more distinct points than X has is NaN instead of an error, so a layer with a tiny
     vocabulary does not stop the other estimate.
     """
@@ -545,7 +552,7 @@ def twonn_mle(X: ArrayLike, n_neighbors: int = 20, discard_fraction: float = 0.1
     n = uniq.shape[0]
     if n < need_twonn:
         return math.nan, math.nan
-    dist, _ = knn_from_points(uniq, min(k, n - 1))
+    dist, _ = knn_from_points(uniq, min(k, n - 1), refine=_ONLINE_RTOL)
     twonn = _twonn_from_knn(dist, discard_fraction, who)
     mle = _mle_global(_mle_inverse_local(dist, unbiased=False), who) if n >= k + 1 else math.nan
     return twonn, mle

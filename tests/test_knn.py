@@ -127,6 +127,38 @@ def test_float32_search_gives_float64_accurate_distances_far_from_the_origin():
     assert (i.numpy() == ref_i).mean() > 0.95
 
 
+def test_refine_tolerance_recomputes_exactly_the_points_whose_float32_values_could_be_off(monkeypatch):
+    import analysis.knn as knn
+
+    # Two clusters 10 apart, each 0.1 wide: centring cannot help (every point is ~10 from the centroid), so
+    # the float32 search values are off by ~1e-4 relative, though still good enough to select the neighbours.
+    rng = np.random.default_rng(9)
+    tight = (rng.standard_normal((300, 16)) * 0.1 + np.repeat([[5.0], [-5.0]], 150, axis=0)).astype(np.float32)
+    spread = _cloud(300, 16, seed=9, dtype=np.float32)
+    refined_rows = []
+    real = knn.refined_sq_distances
+    monkeypatch.setattr(
+        knn, "refined_sq_distances", lambda X, idx, queries=None: refined_rows.append(len(idx)) or real(X, idx, queries)
+    )
+
+    exact_d, exact_i = knn_distances(tight, 5)
+    refined_rows.clear()
+    assert (knn_distances(tight, 5, refine=False)[0] / exact_d - 1).abs().max() > 1e-5
+    d, i = knn_distances(tight, 5, refine=1e-5)
+    torch.testing.assert_close(d, exact_d, rtol=1e-12, atol=0)
+    assert torch.equal(i, exact_i) and refined_rows == [300]
+
+    refined_rows.clear()
+    ref_d, _ = _brute(spread, 5)
+    d, _ = knn_distances(spread, 5, refine=1e-5)
+    assert sum(refined_rows) < 30  # a few points at most
+    np.testing.assert_allclose(d.numpy() ** 2, ref_d**2, rtol=1e-5, atol=0)
+
+    for bad in (-1e-5, "yes", None):
+        with pytest.raises(ValueError, match="refine must be True, False or a relative tolerance"):
+            knn_distances(spread, 5, refine=bad)
+
+
 def test_extreme_scales_do_not_overflow_in_float32():
     base = _cloud(200, 10, seed=6)
     for scale in (1e30, 1e-30):
