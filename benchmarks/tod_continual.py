@@ -5,14 +5,16 @@ worker processes, each into a throw-away sqlite store, and reads back the stage'
     naive          DDPT policy, plain PPO fine-tuning
     clear          DDPT policy, CLEAR replay (V-trace, policy and value cloning)
     naive_mlp      MLP policy (fixed act indices), plain PPO, 60 PPO iterations per domain (it learns slower)
-    clear_mlp      the same with CLEAR
+    clear_mlp      the same with CLEAR (cloning the networks of each domain's end)
+    clear_behaviour_mlp   the same cloning CLEAR's stored behaviour instead (the paper's targets)
     naive_emotion  as naive, with env.reward_dissatisfied = EMOTION_PENALTY per dissatisfied turn
+    clear_emotion  as clear, with the same penalty (which penalises talking about other domains: a conflict)
 Snapshots are off here (they do not change training); mean ± sample std over seeds. Writes
 `benchmarks/results/tod_continual.json` and `tod_continual.md`.
 
     python benchmarks/tod_continual.py --seeds 0 1 2 --workers 2 --override train.eval_every=1000 env.eval_dialogues=40
-    # 1-3 min CPU per run; 5-15 min wall per run on 2 CPU cores shared with other jobs. --resume keeps the runs the
-    # output already holds (same overrides) and runs only the missing ones.
+    # 1-3 min CPU per run; 5-15 min wall per run on 2 CPU cores shared with other jobs. --resume keeps every run the
+    # output already holds (same overrides, any variant and seed) and runs only the requested ones it lacks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ VARIANTS = {
     "clear": ["continual.method=clear"],
     "naive_mlp": ["continual.method=naive", *MLP_60],
     "clear_mlp": ["continual.method=clear", *MLP_60],
+    "clear_behaviour_mlp": ["continual.method=clear", "continual.clear.cloning_targets=behaviour", *MLP_60],
     "naive_emotion": ["continual.method=naive", f"env.reward_dissatisfied={EMOTION_PENALTY}"],
+    "clear_emotion": ["continual.method=clear", f"env.reward_dissatisfied={EMOTION_PENALTY}"],
 }
 SHOWN = (
     "continual/earlier_success",
@@ -83,10 +87,10 @@ def main() -> None:
     args = parser.parse_args()
     runs = []
     previous = args.out / "tod_continual.json"
-    if args.resume and previous.exists():  # runs of the same variants and overrides, measured before, are kept
+    if args.resume and previous.exists():  # runs of the same overrides, measured before, are kept
         old = json.loads(previous.read_text())
         if old["overrides"] == args.override:
-            runs = [r for r in old["runs"] if r["variant"] in args.variants and r["seed"] in args.seeds]
+            runs = [r for r in old["runs"] if r["variant"] in VARIANTS]
     done = {(r["variant"], r["seed"]) for r in runs}
     jobs = [(v, s, args.override) for s in args.seeds for v in args.variants if (v, s) not in done]  # seed by seed
     if runs:
@@ -99,7 +103,7 @@ def main() -> None:
 
 
 def write(runs: list[dict], args: argparse.Namespace) -> None:
-    variants = [v for v in args.variants if any(r["variant"] == v for r in runs)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
     summary: dict[str, dict[str, list[float]]] = {}
     for variant in variants:
         rows = [r["metrics"] for r in runs if r["variant"] == variant]
@@ -119,19 +123,24 @@ def write(runs: list[dict], args: argparse.Namespace) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tod_continual.json").write_text(json.dumps(out, indent=1) + "\n")
+    from workbench.config import load_config
+
+    settings = load_config(CONFIG, args.override).continual
     lines = [
         "# TOD continual learning (`benchmarks/tod_continual.py`)",
         "",
         f"{out['date']}, {out['machine']}; seeds {out['seeds']}; overrides {args.override or 'none'}; "
-        "mean ± sample std over seeds. Sequence restaurant -> hotel -> train, attraction held out (never trained on).",
+        f"mean ± sample std over seeds. Sequence {' -> '.join(settings.domains)}, {', '.join(settings.held_out)} held "
+        "out (never trained on).",
         "",
-        "| variant | " + " | ".join(k.removeprefix("continual/") for k in SHOWN) + " | wall s |",
-        "|---" * (len(SHOWN) + 2) + "|",
+        "| variant | seeds | " + " | ".join(k.removeprefix("continual/") for k in SHOWN) + " | wall s |",
+        "|---" * (len(SHOWN) + 3) + "|",
     ]
     for variant, figures in summary.items():
         cells = [f"{figures[k][0]:.3f} ± {figures[k][1]:.3f}" if k in figures else "" for k in SHOWN]
         seconds = [r["seconds"] for r in runs if r["variant"] == variant]
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {min(seconds):.0f}-{max(seconds):.0f} |")
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]) if r["variant"] == variant)
+        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {min(seconds):.0f}-{max(seconds):.0f} |")
     (args.out / "tod_continual.md").write_text("\n".join(lines) + "\n")
 
 

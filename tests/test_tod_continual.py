@@ -29,7 +29,7 @@ TINY = [
     "policy.hidden_size=16",
     "snapshot.every=1",
     "snapshot.probes=30",
-    "continual.method=clear",  # the config's default is naive; the run test covers the replay path too
+    "continual.method=clear",  # the config's default too, set here so the run tests keep covering the replay path
     "continual.clear.replay_size=40",
 ]
 
@@ -176,6 +176,7 @@ def test_clear_off_policy_gradient_pushes_down_a_bad_act_the_policy_prefers_over
             "dones": torch.ones(8, 16),
             "values": torch.zeros(8, 16),
             "next_obs": obs[:8],
+            "stage": torch.zeros(8, dtype=torch.long),
         }
     )
     learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=128, policy_cloning=0.0, value_cloning=0.0))
@@ -214,6 +215,7 @@ def test_clear_replay_leaves_alone_the_turns_the_policy_no_longer_takes(dataset)
         "dones": torch.ones(2, 16),
         "values": torch.zeros(2, 16),
         "next_obs": obs[:2],
+        "stage": torch.zeros(2, dtype=torch.long),
     }
     buffer = ReservoirBuffer(2, np.random.default_rng(0))
     learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=32, policy_cloning=0.0, value_cloning=0.0))
@@ -248,9 +250,10 @@ def test_clear_policy_cloning_pulls_the_policy_back_to_the_replayed_behaviour(da
             "logprobs": torch.distributions.Bernoulli(logits=behaviour).log_prob(actions).sum(-1),
         }
         | {"logits": behaviour, "rewards": torch.zeros(4, 16), "dones": torch.zeros(4, 16)}
-        | {"values": torch.zeros(4, 16), "next_obs": obs[:4]}
+        | {"values": torch.zeros(4, 16), "next_obs": obs[:4], "stage": torch.zeros(4, dtype=torch.long)}
     )
-    learner, _ = _learner(dataset, buffer, ClearConfig(replay_size=64, policy_cloning=1.0, value_cloning=1.0))
+    clear = ClearConfig(replay_size=64, policy_cloning=1.0, value_cloning=1.0, cloning_targets="behaviour")
+    learner, _ = _learner(dataset, buffer, clear)
     before = learner.auxiliary_loss().item()
     for _ in range(50):
         learner.optimizer.zero_grad()
@@ -258,6 +261,34 @@ def test_clear_policy_cloning_pulls_the_policy_back_to_the_replayed_behaviour(da
         learner.optimizer.step()
     assert learner.auxiliary_loss().item() < 0.5 * before
     assert learner.replay_stats["policy_cloning"][-1] < 0.2 * learner.replay_stats["policy_cloning"][0]
+
+
+def test_final_cloning_targets_are_the_networks_at_each_domains_end_and_apply_to_earlier_domains_only(dataset):
+    buffer = ReservoirBuffer(8, np.random.default_rng(0))
+    clear = ClearConfig(replay_size=128, policy_cloning=1.0, value_cloning=1.0)  # cloning_targets: final
+    learner, _ = _learner(dataset, buffer, clear, num_steps=32)
+    learner.iteration()  # stores 4 pieces of stage 0 with the behaviour's logits, then updates the networks
+    obs, stored = buffer.data["obs"][:4], buffer.data["logits"][:4].clone()
+    learner.relabel()
+    with torch.no_grad():
+        now, values = learner.policy(obs).logits, learner.value(obs)
+    assert not torch.allclose(stored, now)
+    assert torch.equal(buffer.data["logits"][:4], now) and torch.equal(buffer.data["values"][:4], values)
+    learner.auxiliary_loss()
+    assert set(learner.replay_stats["policy_cloning"]) == {0.0}  # a domain's own turns are never cloned
+
+    following = ClearPPO(
+        learner.policy, learner.value, learner.envs, learner.sample_goal, learner.args, clear, buffer, 1
+    )
+    with torch.no_grad():
+        following.policy.head.bias.add_(2.0)  # the next domain's training moved the policy
+    following.auxiliary_loss()
+    for _ in range(50):
+        following.optimizer.zero_grad()
+        following.auxiliary_loss().backward()
+        following.optimizer.step()
+    first, last = following.replay_stats["policy_cloning"][0], following.replay_stats["policy_cloning"][-1]
+    assert first > 0.1 and last < 0.2 * first  # pulled back to the policy of stage 0's end
 
 
 def _goals(dataset, domain, n, seed=0):
@@ -372,6 +403,7 @@ def test_continual_run_nests_a_run_per_domain_with_snapshots_and_logs_forgetting
     [
         ("continual.domains=[restaurant,police]", "continual.domains: police not in env.domains"),
         ("continual.clear.replay_size=0", "continual.clear.replay_size"),
+        ("continual.clear.cloning_targets=latest", "continual.clear.cloning_targets"),
         ("policy.descriptions=missing.json", "policy.descriptions: missing.json: no such file"),
         ("policy.encoder=no/such/model", "policy.encoder: no/such/model: not a transformers model"),
     ],

@@ -468,8 +468,15 @@ class ClearConfig(_Strict):
     )
     replay_ratio: float = Field(0.5, gt=0, description="Replayed rows per on-policy row in every minibatch.")
     rho_bar: float = Field(1.0, gt=0, description="Truncation of the importance weight pi/mu (V-trace's rho-bar).")
-    policy_cloning: float = Field(0.01, ge=0, description="Weight of KL(mu || pi) on replayed states (CLEAR's).")
+    policy_cloning: float = Field(
+        0.1, ge=0, description="Weight of KL(target || pi) on replayed states (CLEAR's 0.01 is for its own targets)."
+    )
     value_cloning: float = Field(0.005, ge=0, description="Weight of the squared error to replayed values (CLEAR's).")
+    cloning_targets: Literal["final", "behaviour"] = Field(
+        "final",
+        description="final: clone, on earlier domains' replay only, the networks as they were when that domain "
+        "ended (Wolczyk et al. 2022); behaviour: clone the stored behaviour on all replay (CLEAR as published).",
+    )
 
 
 class TODContinualSettings(_Strict):

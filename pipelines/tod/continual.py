@@ -11,6 +11,14 @@ values. An earlier version put the truncated ratio inside PPO's clipped surrogat
 current value" advantages: min(pi/mu, 1) has no gradient once pi/mu > 1, so an act the policy had come to prefer
 was never pushed down however bad, while acts it had left were pulled back whenever their stale advantage was
 positive; that pulled the policy towards old behaviour and it forgot more than plain PPO (docs/tod.md).
+
+Cloning targets. CLEAR clones the behaviour stored with each turn, and reservoir sampling keeps every stage of
+training alike, so the targets of an old domain mix its untrained start with its trained end; a greedy multi-hot
+policy (an act is taken when p > 0.5) pulled towards that mixture loses acts it needs. By default
+(`clear.cloning_targets: final`) the targets are instead relabelled when a domain ends, with the networks' logits
+and values of that moment, and cloning acts only on earlier domains' turns: behaviour cloning from the policy at
+the end of each task (Wolczyk et al. 2022, "Disentangling Transfer in Continual Reinforcement Learning", ClonEx),
+which they found to be what makes replay protect. V-trace still uses the behaviour's own log-probabilities.
 "Naive" is plain PPO on each new domain, starting from where the previous domain left the network.
 
 The state and action spaces are those of all `env.domains`, so one network serves every domain; goals of stage
@@ -145,9 +153,10 @@ class ClearPPO(PPO):
         settings: TODPPOSettings,
         clear: ClearConfig,
         buffer: ReservoirBuffer,
+        stage: int = 0,
     ) -> None:
         super().__init__(policy, value, envs, sample_goal, settings)
-        self.clear, self.buffer = clear, buffer
+        self.clear, self.buffer, self.stage = clear, buffer, stage
         self.piece = replay_piece(settings.num_steps)
         rows = clear.replay_ratio * settings.num_envs * settings.num_steps / settings.num_minibatches
         self.replay_pieces = max(1, round(rows / self.piece))
@@ -162,7 +171,18 @@ class ClearPPO(PPO):
         pieces = {k: v.transpose(0, 1).reshape(E * T // L, L, *v.shape[2:]) for k, v in steps.items()}
         after = torch.cat([rollout["obs"][L::L], next_obs[None]])  # [T/L, E, state]: the state after each piece
         pieces["next_obs"] = after.transpose(0, 1).reshape(E * T // L, -1)
+        pieces["stage"] = torch.full((E * T // L,), self.stage)
         self.buffer.add(pieces)
+
+    def relabel(self) -> None:
+        """At the end of this learner's domain: its replayed turns' cloning targets become the networks' logits
+        and values now (`cloning_targets: final`, module docstring)."""
+        rows = (self.buffer.data["stage"][: len(self.buffer)] == self.stage).nonzero().squeeze(1)
+        with torch.no_grad():
+            for chunk in rows.split(256) if rows.numel() else ():  # a full buffer may keep none of a short domain
+                obs = self.buffer.data["obs"][chunk]
+                self.buffer.data["logits"][chunk] = self.policy(obs).logits
+                self.buffer.data["values"][chunk] = self.value(obs)
 
     def update(self, obs, actions, old_logprobs, advantages, returns) -> dict[str, float]:  # noqa: ANN001
         self.replay_stats = {}
@@ -192,8 +212,11 @@ class ClearPPO(PPO):
             adv = adv / (adv.pow(2).mean().sqrt() + 1e-8)
         # V-trace's actor-critic loss: rho_s A_s grad log pi, the weight outside the gradient, and the critic to v_s.
         off_policy = -(adv * logprob).mean() + 0.5 * (values - vs).pow(2).mean()
-        policy_cloning = kl_divergence(Bernoulli(logits=replay["logits"]), dist).sum(-1).mean()
-        value_cloning = (values - replay["values"]).pow(2).mean()
+        # Cloning weight per replayed piece: every piece for CLEAR's targets, earlier domains' for final ones.
+        cloned = torch.ones(len(values)) if self.clear.cloning_targets == "behaviour" else replay["stage"] < self.stage
+        cloned = cloned.float()[:, None] / max(1.0, float(cloned.sum()) * values.shape[1])
+        policy_cloning = (kl_divergence(Bernoulli(logits=replay["logits"]), dist).sum(-1) * cloned).sum()
+        value_cloning = ((values - replay["values"]).pow(2) * cloned).sum()
         for name, v in (
             ("off_policy_loss", off_policy),
             ("policy_cloning", policy_cloning),
@@ -284,7 +307,7 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
         envs = [make_env(STREAM_ENVS, 100 * stage + e) for e in range(config.ppo.num_envs)]
         sample_goal = lambda g=generators[domain], r=goal_rng: g.sample(r)  # noqa: E731
         learner = (
-            ClearPPO(model, value, envs, sample_goal, config.ppo, settings.clear, buffer)
+            ClearPPO(model, value, envs, sample_goal, config.ppo, settings.clear, buffer, stage)
             if settings.method == "clear"
             else PPO(model, value, envs, sample_goal, config.ppo)
         )
@@ -325,6 +348,8 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
                     stopped.append(f"{domain}: stopped at step {step}")
                     break
             engine.finish()
+            if isinstance(learner, ClearPPO) and settings.clear.cloning_targets == "final":
+                learner.relabel()
             figures = evaluate(model.greedy(env))
             success.append({d: f["tod/success_rate"] for d, f in figures.items()})
             end = {**figures[domain], **{f"continual/success/{d}": s for d, s in success[-1].items()}}
