@@ -178,8 +178,10 @@ class ClearPPO(PPO):
         """At the end of this learner's domain: its replayed turns' cloning targets become the networks' logits
         and values now (`cloning_targets: final`, module docstring)."""
         rows = (self.buffer.data["stage"][: len(self.buffer)] == self.stage).nonzero().squeeze(1)
+        if not rows.numel():  # a full buffer may keep none of a short domain
+            return
         with torch.no_grad():
-            for chunk in rows.split(256) if rows.numel() else ():  # a full buffer may keep none of a short domain
+            for chunk in rows.split(256):
                 obs = self.buffer.data["obs"][chunk]
                 self.buffer.data["logits"][chunk] = self.policy(obs).logits
                 self.buffer.data["values"][chunk] = self.value(obs)
