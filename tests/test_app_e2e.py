@@ -16,6 +16,8 @@ from conftest import DEFAULT_CONFIG, TINY_GROKKING
 from mlflow import MlflowClient
 from playwright.sync_api import sync_playwright
 
+from workbench.tracking import open_store
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -62,12 +64,20 @@ def live_run(tracking_uri, tmp_path):
     """A grokking run with a budget it will not finish, training in a subprocess into the test's store."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = "import sys; from workbench.cli import main; sys.exit(main(sys.argv[1:]))"
-    with open(tmp_path / "live_run.log", "w") as log:
+    # The store's tables first, under the workbench's lock: a plain client creating them while the child does
+    # would race it ('table ... already exists'), and the child would die before its first metric.
+    client, _ = open_store(tracking_uri)
+    log_path = tmp_path / "live_run.log"
+    with open(log_path, "w") as log:
         command = [sys.executable, "-c", code, "run", DEFAULT_CONFIG, *LIVE_RUN]
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
-    client = MlflowClient(tracking_uri)
 
     def running_with_metrics():
+        if process.poll() is not None:
+            tail = log_path.read_text().strip().splitlines()[-5:]
+            raise AssertionError(
+                f"the live run exited ({process.returncode}) before its first metrics:\n" + "\n".join(tail)
+            )
         found = client.get_experiment_by_name("grokking")
         runs = client.search_runs([found.experiment_id], "attributes.run_name = 'live'") if found else []
         return runs[0].info.run_id if runs and "eval/acc" in runs[0].data.metrics else None
