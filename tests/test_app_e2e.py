@@ -65,7 +65,7 @@ def live_run(tracking_uri, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     code = "import sys; from workbench.cli import main; sys.exit(main(sys.argv[1:]))"
     # The store's tables first, under the workbench's lock: a plain client creating them while the child does
-    # would race it ('table ... already exists'), and the child would die before its first metric.
+    # races it through MLflow's schema migration, and the loser dies (the child, before its first metric).
     client, _ = open_store(tracking_uri)
     log_path = tmp_path / "live_run.log"
     with open(log_path, "w") as log:
