@@ -40,17 +40,16 @@ def timed_train(steps: int, with_callback: bool, tmp: Path, snapshot: SnapshotCo
     """Wall and CPU seconds of `trainer.train()`, and of those the seconds spent inside the callback."""
     import torch
     from datasets import Dataset
-    from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
-    from pipelines.supervised import training_arguments
-    from pipelines.task import ReversalTask
+    from pipelines.lm.config import SFTStageConfig
+    from pipelines.lm.models import build_causal_lm, train_tokenizer
+    from pipelines.lm.supervised import training_arguments
+    from pipelines.lm.task import ReversalTask
     from workbench.callback import WorkbenchCallback
-    from workbench.config import SFTConfig
-    from workbench.models import build_causal_lm, train_tokenizer
     from workbench.tracking import Tracker
 
-    config = SFTConfig(train={"max_steps": steps, "eval_every": 10})
+    config = SFTStageConfig(train={"max_steps": steps, "eval_every": 10})
     task = ReversalTask(config.task, config.seed)
     tokenizer = train_tokenizer(task.pretraining_text(), config.model.vocab_size)
     torch.manual_seed(0)
@@ -64,7 +63,7 @@ def timed_train(steps: int, with_callback: bool, tmp: Path, snapshot: SnapshotCo
             setattr(callback, event, _timed(getattr(callback, event), inside))
         callbacks = [callback]
     args = training_arguments(
-        TRLSFTConfig, config, str(tmp / "out"), "cpu", max_length=config.train.max_length, gradient_checkpointing=False
+        SFTConfig, config, str(tmp / "out"), "cpu", max_length=config.train.max_length, gradient_checkpointing=False
     )
     args = dataclasses.replace(args, eval_strategy="no")  # step time only: both log every 10 steps, neither evaluates
     trainer = SFTTrainer(

@@ -40,7 +40,7 @@ def write_run(uri: str, writer: int, values: int, flush_seconds: float, start: A
     """One writer: a Tracker run as a stage does it. Puts its run id, failures and time on `results`."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imported first: the race is on the store)
 
-    from workbench.policies import STOP_REQUEST_TAG
+    from workbench.tags import STOP_REQUESTED
     from workbench.tracking import Tracker
 
     start.wait(timeout=600)  # all writers hit the fresh store at the same moment
@@ -57,7 +57,7 @@ def write_run(uri: str, writer: int, values: int, flush_seconds: float, start: A
                 metrics = {f"m/{m}": expected_value(writer, step, m) for m in range(METRICS_PER_STEP)}
                 tracker.log_metrics(metrics, step)
                 if step % STOP_POLL_EVERY == 0:
-                    tracker.get_tag(STOP_REQUEST_TAG)
+                    tracker.get_tag(STOP_REQUESTED)
                 if step % 200 == 0:
                     tracker.set_tags({"workbench.progress": str(step)})
     except Exception as exc:  # counted, not raised: the parent reports every failure

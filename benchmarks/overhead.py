@@ -32,7 +32,7 @@ def timed_train(config, tracked: bool, tmp: Path) -> tuple[float, float]:
     """Wall seconds of one training run, and of that the seconds spent in tracking calls."""
     import torch
 
-    from pipelines.grokking import build_model, make_dataset, make_probe_set, train
+    from pipelines.grokking.stage import build_model, make_dataset, make_probe_set, train
     from workbench.instrument import Instrument
     from workbench.tracking import Tracker
 

@@ -61,7 +61,7 @@ def main() -> None:
         ),
         train_dataset=train,
         eval_dataset=held_out,
-        callbacks=[WorkbenchCallback.from_config(config)],
+        callbacks=[WorkbenchCallback.from_config(config, probes=held_out)],  # probes: held-out rows
     )
     trainer.train()
 

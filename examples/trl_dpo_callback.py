@@ -81,7 +81,8 @@ def main() -> None:
                 {
                     "snapshot": {"every": max(1, args.steps // 4), "pooling": "answer", "probes": 64},
                     "tracking": {"uri": args.tracking_uri, "experiment": "trl-dpo-example"},
-                }
+                },
+                probes=held_out,  # the held-out pairs' prompts and chosen answers
             )
         ],
     )

@@ -50,7 +50,7 @@ def store(tmp_path_factory):
         with Tracker.start(uri, "grokking", "stopped") as stopped:
             stopped.log_metrics({"eval/acc": 0.5}, 40)
             stopped.set_tags({"workbench.stop_reason": "stop requested", "workbench.stopped_at_step": "40"})
-            stopped.stopped_by_user = True
+            stopped.finish("KILLED")  # as a stage ended by a stop request is
         ids["stopped"] = stopped.run_id
         with Tracker.start(uri, "grokking", "deleted") as deleted:
             deleted.log_metrics({"eval/acc": 0.5}, 0)

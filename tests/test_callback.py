@@ -39,6 +39,9 @@ def lm_rows(n, length, seed):
     return rows
 
 
+EVAL_ROWS = lm_rows(10, 6, seed=1)  # shorter rows than the train rows: probes show where they came from
+
+
 def train(callback, tmp_path, report_to="none", steps=10):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -59,7 +62,7 @@ def train(callback, tmp_path, report_to="none", steps=10):
         model=tiny_llama(),
         args=args,
         train_dataset=Dataset.from_list(lm_rows(64, 12, seed=0)),
-        eval_dataset=Dataset.from_list(lm_rows(10, 6, seed=1)),  # shorter rows: probes show where they came from
+        eval_dataset=Dataset.from_list(EVAL_ROWS),
         callbacks=[callback],
     )
     trainer.train()
@@ -94,7 +97,7 @@ def test_trainer_log_keys_get_workbench_names(logged, stored):
 
 def test_plain_trainer_gets_snapshots_geometry_and_its_logs_in_one_run(tracking_uri, tmp_path):
     config = {"snapshot": {"every": 5, "probes": 8}, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
-    train(WorkbenchCallback.from_config(config), tmp_path)
+    train(WorkbenchCallback.from_config(config, probes=EVAL_ROWS), tmp_path)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("cb").experiment_id])
     assert len(runs) == 1, "one run only: no second run from transformers' MLflow integration"
@@ -111,13 +114,26 @@ def test_plain_trainer_gets_snapshots_geometry_and_its_logs_in_one_run(tracking_
     assert snaps.layers["layer_01"].shape == (3, 8 * 6, 32)
 
 
+def test_without_probes_the_callback_samples_the_rows_of_the_train_dataloader_it_is_handed(
+    tracking_uri, tmp_path, capsys
+):
+    # The trainer hands its callbacks the train dataloader at on_train_begin (the eval one only after an evaluation).
+    config = {"snapshot": {"every": 5, "probes": 8}, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
+    train(WorkbenchCallback.from_config(config), tmp_path, steps=5)
+    client = MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("cb").experiment_id])[0]
+    snaps = load_snapshots(run.info.run_id, tracking_uri=tracking_uri)
+    assert snaps.layers["layer_01"].shape == (2, 8 * 12, 32)  # 8 of the 64 train rows, 12 tokens each
+    assert "pass probes=<eval dataset>" in capsys.readouterr().err
+
+
 def test_grpo_with_the_gold_reward_logs_trls_keys_and_geometry_from_prompt_only_probes(tracking_uri, tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from pipelines.task import ReversalTask, gold_reward
-    from workbench.config import GoldTaskConfig, ModelConfig
-    from workbench.models import build_causal_lm, train_tokenizer
+    from pipelines.lm.config import GoldTaskConfig, ModelConfig
+    from pipelines.lm.models import build_causal_lm, train_tokenizer
+    from pipelines.lm.task import ReversalTask, gold_reward
 
     task = ReversalTask(GoldTaskConfig(n_train=64, n_pretrain=300))
     tokenizer = train_tokenizer(task.pretraining_text(), 270)
@@ -158,7 +174,7 @@ def test_a_policy_decision_stops_training_and_saves_a_checkpoint(tracking_uri, t
     # The loss is first logged at step 5: a checkpoint of step 5, and no step after it.
     assert trainer.state.global_step == 5
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-5"]
-    assert callback.policy.stopped.name == "loss-logged"
+    assert callback.engine.stopped.name == "loss-logged"
     client = MlflowClient(tracking_uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["workbench.stopped_at_step"] == "5" and run.info.status == "FINISHED"
@@ -287,11 +303,11 @@ train(DiesAtStep3.from_config(config), Path({str(tmp_path)!r}))
 
 
 def test_a_stop_request_ends_a_trainer_run_even_without_policies(tracking_uri, tmp_path):
-    from workbench.policies import STOP_REQUEST_TAG
+    from workbench.tags import STOP_REQUESTED
     from workbench.tracking import Tracker
 
     with Tracker.start(tracking_uri, "cb") as tracker:
-        tracker.set_tags({STOP_REQUEST_TAG: "requested"})  # as `workbench stop RUN_ID` does
+        tracker.set_tags({STOP_REQUESTED: "requested"})  # as `workbench stop RUN_ID` does
         trainer = train(WorkbenchCallback(tracker=tracker, seed=0), tmp_path, steps=10)
     assert trainer.state.global_step < 10
     assert MlflowClient(tracking_uri).get_run(tracker.run_id).data.tags["workbench.stop_reason"] == "stop requested"

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.grokking.config import GrokkingStageConfig
 from workbench.cli import main
-from workbench.config import GrokkingConfig, config_hash, flatten, load_config
+from workbench.config import config_hash, flatten, load_config
 from workbench.errors import WorkbenchError
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "grokking.yaml"
@@ -17,7 +18,7 @@ def write(tmp_path, text):
 
 def test_default_grokking_config_loads():
     config = load_config(DEFAULT)
-    assert isinstance(config, GrokkingConfig)
+    assert isinstance(config, GrokkingStageConfig)
     assert config.task.op == "+" and config.snapshot.pooling == "token"
 
 

@@ -2,7 +2,7 @@
 
 Each launch is a real `accelerate launch --multi_gpu --num_processes 2 -m workbench run ...`: on a machine
 without GPUs accelerate's torchrun-based launcher starts the processes and `workbench` joins them in a gloo
-group (DESIGN.md has no special path for it: it is the command users run on GPUs).
+group (no special path for it: it is the command users run on GPUs).
 """
 
 from __future__ import annotations

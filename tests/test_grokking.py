@@ -3,9 +3,10 @@ import torch
 from conftest import DEFAULT_CONFIG
 from mlflow import MlflowClient
 
-import pipelines.grokking as grokking
+import pipelines.grokking.stage as grokking
+from pipelines.grokking.config import TaskConfig
 from workbench.cli import main
-from workbench.config import TaskConfig, load_config
+from workbench.config import load_config
 from workbench.snapshots import load_snapshots
 
 

@@ -8,13 +8,13 @@ import pytest
 from conftest import DEFAULT_CONFIG, TINY_GROKKING
 from mlflow import MlflowClient
 
-import pipelines.grokking as grokking
-import workbench.policies as policies
+import pipelines.grokking.stage as grokking
+import workbench.policies.engine as policy_engine
 from analysis.forecast import ForecastEvent
 from workbench.cli import main
 from workbench.config import load_config
 from workbench.errors import WorkbenchError
-from workbench.policies import PolicyEngine, attach_policies, load_rules
+from workbench.policies import PolicyEngine, attach_policies, attach_policy, load_rules
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "configs" / "policies" / "grokked_and_flat.yaml"
 
@@ -274,7 +274,7 @@ def test_an_attached_policy_the_run_cannot_take_is_refused_with_an_alert():
 
 
 def test_workbench_attach_stops_a_live_run_with_the_attached_rule(tracking_uri, run_grokking, monkeypatch, capsys):
-    monkeypatch.setattr(policies, "STOP_POLL_SECONDS", 0.0)
+    monkeypatch.setattr(policy_engine, "STOP_POLL_SECONDS", 0.0)
     client, real_evaluate, calls = MlflowClient(tracking_uri), grokking._evaluate, []
     policy = Path(tracking_uri.removeprefix("sqlite:///")).parent / "attached.yaml"
     policy.write_text(
@@ -312,7 +312,7 @@ def test_attach_refuses_a_broken_policy_before_looking_for_the_run(tracking_uri,
 def test_a_policy_too_long_for_a_tag_is_refused_rather_than_truncated(tracking_uri):
     text = "".join(f"- {{name: r{i}, when: {{metric: eval/acc, above: 0.5}}, actions: [alert]}}\n" for i in range(100))
     with pytest.raises(WorkbenchError, match=r"^big.yaml: \d+ characters, too long to attach"):
-        policies.attach_policy("0123abcd", text, tracking_uri, "big.yaml")
+        attach_policy("0123abcd", text, tracking_uri, "big.yaml")
 
 
 def test_an_error_inside_a_rule_becomes_an_alert_and_disables_the_rule():
@@ -460,7 +460,7 @@ def test_stop_and_events_refuse_unknown_runs(tracking_uri, capsys):
 
 
 def test_workbench_stop_ends_a_live_run_at_its_next_step_boundary(tracking_uri, run_grokking, monkeypatch, capsys):
-    monkeypatch.setattr(policies, "STOP_POLL_SECONDS", 0.0)
+    monkeypatch.setattr(policy_engine, "STOP_POLL_SECONDS", 0.0)
     client, real_evaluate, calls = MlflowClient(tracking_uri), grokking._evaluate, []
 
     def stop_from_another_terminal_at_step_5(*args):

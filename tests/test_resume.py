@@ -15,10 +15,10 @@ import torch
 from conftest import DEFAULT_CONFIG
 from mlflow import MlflowClient
 
+from workbench import tags
 from workbench.checkpoint import load_training_state, save_training_state
 from workbench.cli import main
 from workbench.liveness import (
-    PID_STARTED_TAG,
     PROCESS_GONE,
     StopSignals,
     mark_stale_runs,
@@ -175,7 +175,7 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_rng_without_pickle(tr
 def test_stale_check_marks_only_runs_whose_process_is_gone(tracking_uri):
     client = MlflowClient(tracking_uri)
     alive = Tracker.start(tracking_uri, "unit", tags=process_tags())
-    reused = Tracker.start(tracking_uri, "unit", tags={**process_tags(), PID_STARTED_TAG: "12.000"})  # pid reused
+    reused = Tracker.start(tracking_uri, "unit", tags={**process_tags(), tags.PID_STARTED: "12.000"})  # pid reused
     elsewhere = Tracker.start(tracking_uri, "unit", tags={**process_tags(), "workbench.host": "another-host"})
     runs = [client.get_run(t.run_id) for t in (alive, reused, elsewhere)]
     marked = mark_stale_runs(runs, tracking_uri)

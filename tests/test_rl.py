@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.task import ReversalTask
+from pipelines.lm.config import GoldTaskConfig, ModelConfig
+from pipelines.lm.models import build_causal_lm, train_tokenizer
+from pipelines.lm.task import ReversalTask
 from workbench.cli import main
-from workbench.config import GoldTaskConfig, ModelConfig, load_config
-from workbench.models import build_causal_lm, train_tokenizer
+from workbench.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -90,10 +90,10 @@ def test_a_policy_file_holding_a_path_does_not_read_that_file(tmp_path):
     with pytest.raises(WorkbenchError, match=r"rule #1: expected a mapping"):
         parse_policy(policy.read_text())
     config = tmp_path / "config.yaml"
-    from workbench.config import GrokkingConfig
+    from pipelines.grokking.config import GrokkingStageConfig
 
     with pytest.raises(WorkbenchError, match=re.escape(str(policy))):
-        attach_policies(GrokkingConfig(), config, [policy])
+        attach_policies(GrokkingStageConfig(), config, [policy])
 
 
 UNSAFE = {

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.task import MISTAKES, ReversalTask, gold_reward, is_correct, letters_of
+from pipelines.lm.config import GoldTaskConfig, ModelConfig
+from pipelines.lm.data import load_stage_data, ranking_to_pairs, read_jsonl
+from pipelines.lm.models import build_causal_lm, train_tokenizer
+from pipelines.lm.task import MISTAKES, ReversalTask, gold_reward, is_correct, letters_of
 from workbench.cli import main
-from workbench.config import GoldTaskConfig, ModelConfig
-from workbench.data import load_stage_data, ranking_to_pairs, read_jsonl
 from workbench.errors import WorkbenchError
-from workbench.models import build_causal_lm, train_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Every stage shrunk to seconds: a 1-layer d=32 model, 6 steps, a handful of examples.
@@ -105,7 +105,7 @@ def test_rankings_become_every_preferred_first_pair():
 
 
 def test_a_file_in_another_format_is_refused_with_what_the_stage_needs(tmp_path):
-    from workbench.config import DataConfig
+    from pipelines.lm.config import DataConfig
 
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 4)
     with pytest.raises(WorkbenchError, match=r"pairs.jsonl is in the preference format .* the sft stage needs"):
@@ -207,8 +207,8 @@ def test_a_policy_stops_a_stage_and_its_checkpoint_is_kept_in_the_run(store, sav
     client, run = run_stage(store, "sft.yaml", f"model.name_or_path={saved_model}", f"policies={rule}")
     assert run.info.status == "FINISHED" and run.data.tags["workbench.stopped_at_step"] == "3"
     assert "stopped at step 3 of 6" in capsys.readouterr().out
-    saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/checkpoint-3")}
-    assert "checkpoints/checkpoint-3/model.safetensors" in saved
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/step_00000003")}
+    assert "checkpoints/step_00000003/model.safetensors" in saved  # the trainer's checkpoint-3, by the one convention
 
 
 def test_rm_on_rankings_logs_pairwise_accuracy_and_kendall_tau(store, saved_model, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from pipelines.tod.config import ClearConfig, TODPPOSettings
 from pipelines.tod.continual import ClearPPO, ReservoirBuffer, continual_metrics, vtrace
 from pipelines.tod.data import DomainGoal, Goal, load_dataset
 from pipelines.tod.ddpt import DDPTPolicy, DescribedSpace, encode_descriptions, load_descriptions
@@ -15,7 +16,6 @@ from pipelines.tod.policy import MLPPolicy, RuleExpert, ValueNetwork, behaviour_
 from pipelines.tod.simulator import AgendaUser, GoalGenerator
 from pipelines.tod.synthetic import DOMAINS, write_synthetic_dataset
 from workbench.cli import main
-from workbench.config import ClearConfig, TODPPOSettings
 from workbench.errors import WorkbenchError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tod_continual.yaml")

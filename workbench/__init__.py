@@ -6,9 +6,9 @@ that `workbench --help` answers at once.
 
 import os
 
-# With the default spinning OpenMP threads a second process on one of two cores drops a small model
-# from ~47 to ~2 steps/s (measured, shared/FINDINGS.md); the policy only takes effect if it is set
-# before torch loads its OpenMP runtime, hence here, before anything imports torch.
+# With the default spinning OpenMP threads, a second process sharing the cores slows a small model down by an order
+# of magnitude (its idle threads spin instead of yielding); the policy only takes effect if it is set before torch
+# loads its OpenMP runtime, hence here, before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -17,19 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.policies import (
-    ALERT_TAG_PREFIX,
-    EVENT_TAG_PREFIX,
-    STOP_REASON_TAG,
-    STOP_REQUEST_TAG,
-    STOPPED_AT_TAG,
-    Condition,
-    Firing,
-    PolicyEngine,
-    Rule,
-    load_rules,
-)
+from workbench.policies import Condition, Firing, PolicyEngine, Rule, load_rules
 from workbench.runs import bulk_metric_histories, metric_histories
 from workbench.tracking import metric_key, open_run, open_store, resolve_tracking_uri
 
@@ -199,20 +189,20 @@ def run_events(run_id: str, tracking_uri: str | None = None) -> list[RunEvent]:
 
 def _events(run: Any, histories: dict[str, tuple[list, list]]) -> list[RunEvent]:
     """The events of a run given the histories of its `event/*` metrics."""
-    tags = run.data.tags
+    run_tags = run.data.tags
     events = []
     for key in sorted(histories):
         name = key.removeprefix("event/")
-        forecast, alert = tags.get(EVENT_TAG_PREFIX + name), tags.get(ALERT_TAG_PREFIX + name)
+        forecast, alert = run_tags.get(tags.EVENT_PREFIX + name), run_tags.get(tags.ALERT_PREFIX + name)
         latest = json.loads(forecast or alert or "{}")  # the tag holds the latest firing's details
         for step in histories[key][0]:
             details = _details(latest) if latest.get("step") == step else ""
             events.append(RunEvent(step, "forecast" if forecast else "alert", name, details))
-    if STOP_REASON_TAG in tags:
-        at = tags.get(STOPPED_AT_TAG)
-        events.append(RunEvent(int(at) if at else None, "stop", "", tags[STOP_REASON_TAG]))
-    if STOP_REQUEST_TAG in tags:
-        events.append(RunEvent(None, "stop requested", "", tags[STOP_REQUEST_TAG]))
+    if tags.STOP_REASON in run_tags:
+        at = run_tags.get(tags.STOPPED_AT)
+        events.append(RunEvent(int(at) if at else None, "stop", "", run_tags[tags.STOP_REASON]))
+    if tags.STOP_REQUESTED in run_tags:
+        events.append(RunEvent(None, "stop requested", "", run_tags[tags.STOP_REQUESTED]))
     return sorted(events, key=lambda e: (e.step is None, e.step or 0))
 
 

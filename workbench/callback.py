@@ -16,13 +16,14 @@ to run next to it: set `report_to="none"` (transformers' default since v5) or le
 from __future__ import annotations
 
 import atexit
-import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
+from workbench import tags
 from workbench.config import (
     CallbackConfig,
     CallbackSnapshotConfig,
@@ -32,16 +33,17 @@ from workbench.config import (
 )
 from workbench.errors import WorkbenchError
 from workbench.instrument import Instrument
+from workbench.launch import base_tags, start_run
+from workbench.policies import PolicyEngine, load_rules
 from workbench.runtime import broadcast_flags, distributed
 from workbench.snapshots import ProbeSet, choose_probe_ids
-from workbench.tracking import Tracker
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from workbench.policies import PolicyEngine
+    from workbench.tracking import Tracker
 
-# The trainer's log keys that have another workbench name (DESIGN.md, metric names); `grad_norm`, TRL's
+# The trainer's log keys that have another workbench name (README, metric names); `grad_norm`, TRL's
 # `rewards/...`, `logps/...`, `entropy` keep theirs, and `eval_<x>` / `train_<x>` become `eval/<x>` / `train/<x>`.
 RENAMED_KEYS = {
     "loss": "train/loss",
@@ -71,8 +73,10 @@ class WorkbenchCallback(TrainerCallback):
         tracking: where the run goes, when the callback opens its own (`TrackingConfig`).
         tracker: an open run to log into instead (the workbench's stages pass theirs); it is not finished here.
         probes: the fixed probe set: a `ProbeSet`, or rows (a `datasets.Dataset` or a list of dicts with
-            `input_ids`, `text`, `prompt`/`completion`, `prompt`/`chosen` or `messages`) sampled with `seed`.
-            Default: a seeded sample of the trainer's eval dataset, else of its train dataset.
+            `input_ids`, `text`, `prompt`/`completion`, `prompt`/`chosen` or `messages`) sampled with `seed`;
+            pass the trainer's eval dataset to probe held-out rows. Default: a seeded sample of the dataset of
+            the eval dataloader the trainer hands its callbacks at `on_train_begin` (there only when it has
+            evaluated before training), else of its train dataloader's.
         seed: seeds the probe sample and the token subsample of `token` pooling.
         policies: early-stop rules (or a YAML file of them, relative to `policy_dir`), validated here; the
             engine sees every logged value and every snapshot's geometry, and its decision sets
@@ -90,8 +94,6 @@ class WorkbenchCallback(TrainerCallback):
         policies: Sequence[Mapping[str, Any]] | str | Path = (),
         policy_dir: Path | None = None,
     ) -> None:
-        from workbench.policies import load_rules
-
         self.snapshot = snapshot or CallbackSnapshotConfig()
         self.tracking = tracking or TrackingConfig()
         self.tracker = tracker
@@ -99,7 +101,7 @@ class WorkbenchCallback(TrainerCallback):
         self.seed = seed
         self.rules = load_rules(policies if policies else [], "policies", policy_dir)  # a bad rule fails here
         self.instrument: Instrument | None = None
-        self.policy: PolicyEngine | None = None
+        self.engine: PolicyEngine | None = None
         self._save_pending = self._stop_pending = False
         self._owns_run = tracker is None
 
@@ -133,12 +135,12 @@ class WorkbenchCallback(TrainerCallback):
             # Callbacks hear of no exception: a run whose training dies is ended at exit, FAILED, its logs kept.
             atexit.register(self._end_abandoned_run)
         device = next(kwargs["model"].parameters()).device
-        probe = self._probe_set(kwargs.get("processing_class")).to(str(device))
+        rows = _dataset(kwargs.get("eval_dataloader"))
+        rows = _dataset(kwargs.get("train_dataloader")) if rows is None else rows
+        probe = self._probe_set(kwargs.get("processing_class"), rows).to(str(device))
         self.instrument = Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
-        from workbench.policies import PolicyEngine
-
         # An engine even without rules, as in the workbench's own loops: forecasters run, `workbench stop` works.
-        self.policy = PolicyEngine(self.rules, tracker=self.tracker)
+        self.engine = PolicyEngine(self.rules, tracker=self.tracker)
         self._snapshot(kwargs["model"], state.global_step)  # a decision at step 0 is acted on after the first step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -170,41 +172,42 @@ class WorkbenchCallback(TrainerCallback):
     ) -> None:
         if self.tracker is None or not state.is_world_process_zero:
             return
-        if self.policy is not None:
-            self.policy.finish()
+        if self.engine is not None:
+            self.engine.finish()
         if self._owns_run:
             atexit.unregister(self._end_abandoned_run)
-            self.tracker.finish("FINISHED")
+            self.tracker.finish("KILLED" if self.ended_by_user else "FINISHED")
             self.tracker = None
         else:
             self.tracker.flush()
 
+    @property
+    def ended_by_user(self) -> bool:
+        """Whether a user's stop request (`workbench stop`, the app) ended the training."""
+        return self.engine is not None and self.engine.ended_by_user
+
     def _end_abandoned_run(self) -> None:
         if self.tracker is not None:
-            self.tracker.set_tags(
-                {"workbench.error": "training ended before the trainer's on_train_end (an exception?)"}
-            )
+            self.tracker.set_tags({tags.ERROR: "training ended before the trainer's on_train_end (an exception?)"})
             self.tracker.finish("FAILED")
             self.tracker = None
 
     # --- helpers --------------------------------------------------------------------------------------
 
     def _start_run(self, args: TrainingArguments, model: Any) -> Tracker:
-        tracking = self.tracking
-        tags = {"workbench.stage": "callback", "workbench.model_class": type(_unwrap(model)).__name__}
-        tracker = Tracker.start(tracking.uri, tracking.experiment, tracking.run_name, tags, tracking.flush_seconds)
+        run_tags = {**base_tags("callback"), tags.MODEL_CLASS: type(_unwrap(model)).__name__}
         params = {f"trainer.{k}": v for k, v in args.to_sanitized_dict().items() if len(str(v)) <= 500}
         params.update({f"snapshot.{k}": v for k, v in self.snapshot.model_dump(mode="json").items()})
-        tracker.log_params({**params, "seed": self.seed})
-        return tracker
+        # Only rank 0 gets here (on_train_begin): the other ranks neither open nor write the run.
+        return start_run(self.tracking, run_tags, {**params, "seed": self.seed}, every_rank=False)
 
     def _snapshot(self, model: Any, step: int) -> None:
         if self.instrument.due(step):
-            self._observe(step, self.instrument(_unwrap(model), step))
+            self._observe(step, self.instrument(_unwrap(model), step), snapshot=True)
 
-    def _observe(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self.policy is not None and metrics:
-            decision = self.policy.observe(step, metrics)
+    def _observe(self, step: int, metrics: Mapping[str, float], snapshot: bool = False) -> None:
+        if self.engine is not None and (metrics or snapshot):
+            decision = self.engine.observe(step, metrics, snapshot=snapshot)
             self._save_pending |= decision.checkpoint
             self._stop_pending |= decision.stop
 
@@ -224,15 +227,19 @@ class WorkbenchCallback(TrainerCallback):
         control.should_training_stop |= stop
         self._save_pending = False
 
-    def _probe_set(self, tokenizer: Any) -> ProbeSet:
+    def _probe_set(self, tokenizer: Any, trainer_rows: Any) -> ProbeSet:
         if isinstance(self.probes, ProbeSet):
             return self.probes
         rows = self.probes
         if rows is None:
-            trainer = _calling_trainer()
-            rows = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
-            if isinstance(rows, Mapping):  # several named eval sets: the first one
-                rows = next(iter(rows.values()))
+            if trainer_rows is None:
+                raise WorkbenchError("WorkbenchCallback: the trainer handed no dataset for probes: pass probes=")
+            print(
+                "WorkbenchCallback: probes sampled from the trainer's dataloader's rows; pass probes=<eval dataset> to "
+                "probe held-out rows",
+                file=sys.stderr,
+            )
+            rows = trainer_rows
         return probe_set_from_rows(rows, tokenizer, self.snapshot.probes, self.seed)
 
 
@@ -254,16 +261,9 @@ def _unwrap(model: Any) -> Any:
     return get_base_model() if callable(get_base_model) else model
 
 
-def _calling_trainer() -> Trainer:
-    """The `Trainer` whose `train()` is running: callbacks are handed its model and tokenizer but not its
-    datasets, and `train_dataset` / `eval_dataset` are public attributes of the trainer on the call stack."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    raise WorkbenchError("WorkbenchCallback: no Trainer found to take probes from; pass probes=... explicitly")
+def _dataset(dataloader: Any) -> Any:
+    """The dataset behind a dataloader the trainer hands its callbacks (None when there is none)."""
+    return getattr(dataloader, "dataset", None) if dataloader is not None else None
 
 
 def probe_set_from_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, n_probes: int, seed: int) -> ProbeSet:

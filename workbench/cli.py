@@ -19,18 +19,18 @@ from workbench.geometry import FEATURE_METRICS
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pipelines import StageResult
+    from workbench.stages import StageResult
     from workbench.tracking import Tracker
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.config import flatten, load_config, to_yaml
+    from workbench.config import load_config
     from workbench.policies import attach_policies
 
     config = load_config(args.config, args.overrides)
     config = attach_policies(config, args.config, args.policy)  # a bad policy refuses the run before it starts
 
-    from pipelines import stage_runner
+    from workbench.launch import run_stage, start_stage_run
     from workbench.runtime import (
         configure_torch_threads,
         is_main_process,
@@ -38,33 +38,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolve_device,
         wait_for_everyone,
     )
-    from workbench.tracking import Tracker, stage_run_tags
 
     configure_torch_threads()
     join_process_group(resolve_device(config.device))  # under `accelerate launch`: one process per rank
-    runner = stage_runner(config.stage)
-    tags = stage_run_tags(config, str(args.config))
     started = time.monotonic()
-    tracker = Tracker.start_on_every_rank(
-        config.tracking.uri,
-        config.tracking.experiment,
-        config.tracking.run_name,
-        tags,
-        config.tracking.flush_seconds,
-    )
+    tracker = start_stage_run(config, str(args.config))
     if not is_main_process():
         with tracker:
-            runner(config, tracker)
+            run_stage(config, tracker)
         wait_for_everyone()
         return 0  # rank 0 reports for every rank
     print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
-
-    def body() -> StageResult:
-        tracker.log_params(flatten(config))
-        tracker.log_text(to_yaml(config), "config.yaml")
-        return runner(config, tracker)
-
-    result = _train(tracker, body, "marked KILLED, everything logged so far is kept")
+    result = _train(tracker, lambda: run_stage(config, tracker), "marked KILLED, everything logged so far is kept")
     if isinstance(result, int):
         return result
     print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s")
@@ -104,6 +89,7 @@ def _print_result(summary: list[str], tracking_uri: str) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from workbench.launch import run_stage
     from workbench.resume import reopen_run
     from workbench.runtime import configure_torch_threads
 
@@ -113,10 +99,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"run {tracker.run_id} ({opened.was}) resumed from its checkpoint at step {step}")
     started = time.monotonic()
 
-    def body() -> StageResult:
-        return opened.runner(opened.config, tracker, resume=opened.resumption)
-
-    result = _train(tracker, body, "marked KILLED, resumable again")
+    result = _train(
+        tracker, lambda: run_stage(opened.config, tracker, resume=opened.resumption), "marked KILLED, resumable again"
+    )
     if isinstance(result, int):
         return result
     print(f"\nrun {tracker.run_id} finished in {time.monotonic() - started:.0f} s after the resume")

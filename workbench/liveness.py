@@ -18,16 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from workbench.policies import STOP_REASON_TAG
+from workbench import tags
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from mlflow.entities import Run
 
-HOST_TAG = "workbench.host"
-PID_TAG = "workbench.pid"
-PID_STARTED_TAG = "workbench.pid_started"  # the process's start time (s since the epoch): pids get reused
 PROCESS_GONE = "process gone (killed?)"
 _SAME_START_S = 0.5  # psutil derives start times from clock ticks since boot: equal to well within this
 
@@ -35,16 +32,16 @@ _SAME_START_S = 0.5  # psutil derives start times from clock ticks since boot: e
 def process_tags() -> dict[str, str]:
     """The tags that say which process is training a run."""
     me = psutil.Process()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), PID_STARTED_TAG: f"{me.create_time():.3f}"}
+    return {tags.HOST: socket.gethostname(), tags.PID: str(me.pid), tags.PID_STARTED: f"{me.create_time():.3f}"}
 
 
-def process_alive(tags: dict[str, str]) -> bool | None:
+def process_alive(run_tags: dict[str, str]) -> bool | None:
     """Whether the process named by a run's tags still runs: None when it cannot be told from this host."""
-    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags or PID_STARTED_TAG not in tags:
+    if run_tags.get(tags.HOST) != socket.gethostname() or tags.PID not in run_tags or tags.PID_STARTED not in run_tags:
         return None
     try:
-        process = psutil.Process(int(tags[PID_TAG]))
-        same = abs(process.create_time() - float(tags[PID_STARTED_TAG])) < _SAME_START_S
+        process = psutil.Process(int(run_tags[tags.PID]))
+        same = abs(process.create_time() - float(run_tags[tags.PID_STARTED])) < _SAME_START_S
         return same and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
@@ -65,7 +62,7 @@ def mark_stale_runs(runs: Sequence[Run], tracking_uri: str | None = None, client
     for run in stale:
         now = client.get_run(run.info.run_id)  # it may have finished (or been resumed) since it was listed
         if now.info.status == "RUNNING" and process_alive(now.data.tags) is False:
-            client.set_tag(run.info.run_id, STOP_REASON_TAG, PROCESS_GONE)
+            client.set_tag(run.info.run_id, tags.STOP_REASON, PROCESS_GONE)
             client.set_terminated(run.info.run_id, status="FAILED")
             now = client.get_run(run.info.run_id)
         fresh[run.info.run_id] = now

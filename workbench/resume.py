@@ -10,7 +10,6 @@ logged metrics before it, silently, as a backtest does. docs/resume.md.
 
 from __future__ import annotations
 
-import inspect
 import math
 import tempfile
 from collections.abc import Mapping
@@ -19,19 +18,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench import tags
 from workbench.checkpoint import TrainingState, load_training_state
 from workbench.errors import WorkbenchError
-from workbench.liveness import HOST_TAG, PID_TAG, mark_stale_runs, process_alive, process_tags
-from workbench.policies import STOP_REASON_TAG, STOP_REQUEST_TAG, STOPPED_AT_TAG
+from workbench.liveness import mark_stale_runs, process_alive, process_tags
+from workbench.stages import resumable
 from workbench.tracking import Tracker, metric_key, open_run
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from workbench.config import StageConfig
     from workbench.policies import PolicyEngine
-
-RESUMED_TAG = "workbench.resumed"  # "from step S at TIME (was STATUS: REASON)", the latest resume
 
 
 @dataclass
@@ -55,13 +51,7 @@ class Resumption:
 
     def replay(self, engine: PolicyEngine) -> None:
         """Bring rules and forecasters to their state at the checkpoint, logging and printing nothing."""
-        tracker, console = engine.tracker, engine.console
-        engine.tracker, engine.console = None, False
-        try:
-            for step, metrics in self.before_checkpoint().items():
-                engine.observe(step, metrics)
-        finally:
-            engine.tracker, engine.console = tracker, console
+        engine.replay(self.before_checkpoint().items())
 
 
 class ResumedTracker(Tracker):
@@ -91,7 +81,6 @@ class ResumedTracker(Tracker):
 class Reopened:
     tracker: ResumedTracker
     config: StageConfig
-    runner: Callable[..., Any]
     resumption: Resumption
     was: str  # status (and reason) before the resume
     _tmp: Any = field(repr=False, default=None)  # the checkpoint's download folder, removed with this object
@@ -99,40 +88,37 @@ class Reopened:
 
 def reopen_run(run_id: str, tracking_uri: str | None = None, force: bool = False) -> Reopened:
     """Check the run can be resumed (one-line errors otherwise), load its config and checkpoint, set it RUNNING."""
-    from pipelines import stage_runner
-
     client, run, uri = open_run(run_id, tracking_uri)
     run = mark_stale_runs([run], uri, client)[0]
-    status, tags = run.info.status, run.data.tags
+    status, run_tags = run.info.status, run.data.tags
     if status == "FINISHED":
         raise WorkbenchError(f"run {run_id}: is FINISHED; there is nothing to resume")
     if status == "RUNNING" and not force:
-        alive = process_alive(tags)
-        where = f"pid {tags.get(PID_TAG, '?')} on {tags.get(HOST_TAG, 'an unknown host')}"
+        alive = process_alive(run_tags)
+        where = f"pid {run_tags.get(tags.PID, '?')} on {run_tags.get(tags.HOST, 'an unknown host')}"
         if alive:
             raise WorkbenchError(f"run {run_id}: is RUNNING ({where}); stop it first (`workbench stop {run_id}`)")
         raise WorkbenchError(f"run {run_id}: is RUNNING ({where}), which cannot be checked from here; pass --force")
     config = _logged_config(client, run_id)
-    runner = stage_runner(config.stage)
-    if "resume" not in inspect.signature(runner).parameters:
+    if not resumable(config.stage):
         raise WorkbenchError(f"run {run_id}: stage {config.stage!r} cannot resume yet (grokking can)")
     tmp = tempfile.TemporaryDirectory(prefix="workbench-resume-")
     checkpoint = load_training_state(client, run_id, tmp.name)
     logged = {
         key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in sorted(run.data.metrics)
     }
-    reason = tags.get(STOP_REASON_TAG)
+    reason = run_tags.get(tags.STOP_REASON)
     was = f"{status}: {reason}" if reason else status
-    for tag in (STOP_REASON_TAG, STOPPED_AT_TAG, STOP_REQUEST_TAG):  # a stale stop request would end it at once
-        if tag in tags:
+    for tag in (tags.STOP_REASON, tags.STOPPED_AT, tags.STOP_REQUESTED):  # a stale stop request would end it at once
+        if tag in run_tags:
             client.delete_tag(run_id, tag)
     now = datetime.now().isoformat(timespec="seconds")
-    client.set_tag(run_id, RESUMED_TAG, f"from step {checkpoint.step} at {now} (was {was})")
+    client.set_tag(run_id, tags.RESUMED, f"from step {checkpoint.step} at {now} (was {was})")
     for key, value in process_tags().items():
         client.set_tag(run_id, key, value)
     client.update_run(run_id, status="RUNNING")
     tracker = ResumedTracker(client, run_id, uri, config.tracking.flush_seconds, logged)
-    return Reopened(tracker, config, runner, Resumption(checkpoint, logged), was, tmp)
+    return Reopened(tracker, config, Resumption(checkpoint, logged), was, tmp)
 
 
 def _logged_config(client: Any, run_id: str) -> StageConfig:

@@ -8,15 +8,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench import tags
+from workbench.artifacts import checkpoint_steps
 from workbench.errors import WorkbenchError
 from workbench.liveness import mark_stale_runs
-from workbench.policies import (
-    ATTACHED_AT_TAG,
-    CHECKPOINT_REQUEST_TAG,
-    STOP_REASON_TAG,
-    STOP_REQUEST_TAG,
-    STOPPED_AT_TAG,
-)
 from workbench.tracking import open_run, open_store, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -69,20 +64,20 @@ def run_table(tracking_uri: str | None = None, experiment: str | None = None, li
     run_names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
     rows = []
     for run in runs:
-        tags, metrics = run.data.tags, run.data.metrics
-        parent = tags.get("mlflow.parentRunId", "")
+        run_tags, metrics = run.data.tags, run.data.metrics
+        parent = run_tags.get("mlflow.parentRunId", "")
         rows.append(
             {
                 "run_id": run.info.run_id,
                 "name": run.info.run_name or "",
                 "chain": run_names.get(parent, parent[:8]),
                 "experiment": names[run.info.experiment_id],
-                "stage": tags.get("workbench.stage", ""),
+                "stage": run_tags.get(tags.STAGE, ""),
                 "status": run.info.status,
                 "started": datetime.fromtimestamp(run.info.start_time / 1000),
                 **{key: metrics.get(key) for key in KEY_METRICS},
                 "events": ", ".join(sorted(k.removeprefix("event/") for k in metrics if k.startswith("event/"))),
-                "stop_reason": tags.get(STOP_REASON_TAG, ""),
+                "stop_reason": run_tags.get(tags.STOP_REASON, ""),
                 "parent_run_id": parent,
                 "metric_keys": sorted(metrics),
             }
@@ -130,17 +125,16 @@ def run_state(run_id: str, tracking_uri: str | None = None) -> dict:
     request is pending, the steps of its checkpoints (`checkpoints/step_XXXXXXXX`) and where the run took an
     attached policy ({"step": S, "rules": [...]}, `workbench attach`)."""
     client, run, _ = open_run(run_id, tracking_uri)
-    tags = run.data.tags
-    saved = client.list_artifacts(run_id, "checkpoints")
+    run_tags = run.data.tags
     return {
         "status": run.info.status,
-        "stop_reason": tags.get(STOP_REASON_TAG),
-        "stopped_at_step": tags.get(STOPPED_AT_TAG),
-        "stop_requested": tags.get(STOP_REQUEST_TAG),
-        "checkpoint_requested": tags.get(CHECKPOINT_REQUEST_TAG),
-        "checkpoints": sorted(int(a.path.rsplit("_", 1)[1]) for a in saved if a.is_dir),
-        "error": tags.get("workbench.error"),
-        "attached": json.loads(tags[ATTACHED_AT_TAG]) if ATTACHED_AT_TAG in tags else None,
+        "stop_reason": run_tags.get(tags.STOP_REASON),
+        "stopped_at_step": run_tags.get(tags.STOPPED_AT),
+        "stop_requested": run_tags.get(tags.STOP_REQUESTED),
+        "checkpoint_requested": run_tags.get(tags.CHECKPOINT_REQUESTED),
+        "checkpoints": checkpoint_steps(client, run_id),
+        "error": run_tags.get(tags.ERROR),
+        "attached": json.loads(attached) if (attached := run_tags.get(tags.ATTACHED_POLICY_APPLIED)) else None,
     }
 
 

@@ -1,6 +1,6 @@
 """Hidden-state snapshots: the fixed probe set, pooling, and the safetensors writer and reader.
 
-Format (DESIGN.md): run artifacts `snapshots/step_{step:08d}.safetensors`, one tensor per kept layer
+Format: run artifacts `snapshots/step_{step:08d}.safetensors`, one tensor per kept layer
 (`layer_00` = embeddings output ... `layer_L`), shape [points, hidden], plus `snapshots/index.json`
 (probe ids, pooling, dtype, layers, hidden size, which (probe, position) each point is, step list).
 Nothing is pickled; the reader checks every file against the index.

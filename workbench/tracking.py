@@ -14,7 +14,6 @@ import os
 import posixpath
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,12 +21,10 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from workbench import tags as workbench_tags
 from workbench.errors import WorkbenchError
-
-if TYPE_CHECKING:
-    from workbench.config import StageConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` here finds the runs
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's per-request limits (mlflow/utils/validation.py)
@@ -65,38 +62,6 @@ def run_artifact_path(path: str) -> str:
     ):
         raise WorkbenchError(f"artifact path {path!r}: must be a relative path inside the run's artifacts")
     return normal
-
-
-def project_commit() -> str:
-    """Git commit of the workbench's own source tree ('unknown' outside a checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def stage_run_tags(config: StageConfig, config_file: str) -> dict[str, str]:
-    """The tags every stage run carries: which stage, which settings (hash), which code, which file, which process
-    (host, pid, its start time: the stale-run check in workbench/liveness.py reads them)."""
-    from workbench.config import config_hash
-    from workbench.liveness import process_tags
-    from workbench.runtime import rank_and_world
-
-    return {
-        "workbench.stage": config.stage,
-        "workbench.config_hash": config_hash(config),
-        "workbench.git_commit": project_commit(),
-        "workbench.config_file": config_file,
-        "workbench.processes": str(rank_and_world()[1]),  # > 1 under `accelerate launch`; rank 0 logs for all
-        **process_tags(),
-    }
 
 
 def _check_server_reachable(tracking_uri: str) -> None:
@@ -190,7 +155,7 @@ class Tracker:
         self._last_flush = time.monotonic()
         self._failed_flushes = 0  # consecutive failed flushes during training (backoff exponent)
         self._retry_at = 0.0
-        self.stopped_by_user = False  # set by the policy engine when it honours a stop request
+        self.ended = False
 
     @classmethod
     def start(
@@ -306,13 +271,14 @@ class Tracker:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush what is buffered, then mark the run FINISHED, FAILED or KILLED.
+        """Flush what is buffered, then mark the run FINISHED, FAILED or KILLED; a run already ended stays as it is.
 
-        A run that ends normally after honouring a user's stop request (`workbench stop`, the app) is KILLED,
-        MLflow's status for a run the user stopped; a stop by a policy rule stays FINISHED.
+        KILLED is MLflow's status for a run the user stopped (Ctrl-C, `workbench stop`); a stop by a policy rule
+        ends FINISHED.
         """
-        if status == "FINISHED" and self.stopped_by_user:
-            status = "KILLED"
+        if self.ended:
+            return
+        self.ended = True
         try:
             self.flush()
         finally:
@@ -327,10 +293,10 @@ class Tracker:
         if exc_type is None:
             self.finish("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.set_tags({"workbench.stop_reason": str(exc) or "interrupted (Ctrl-C)"})  # a signal names itself
+            self.set_tags({workbench_tags.STOP_REASON: str(exc) or "interrupted (Ctrl-C)"})  # a signal names itself
             self.finish("KILLED")
         else:
-            self.set_tags({"workbench.error": f"{exc_type.__name__}: {exc}"[:5000]})
+            self.set_tags({workbench_tags.ERROR: f"{exc_type.__name__}: {exc}"[:5000]})
             self.finish("FAILED")
 
 

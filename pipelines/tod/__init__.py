@@ -1,10 +1,11 @@
 """Task-oriented dialogue: a MultiWOZ-style environment in ConvLab-3's unified format, and a PPO dialogue policy.
 
 Modules, from data to training (imports point this way only):
+    config     the settings of both stages (tod_ppo, tod_continual)
     data       ontology, databases, goals and dialogues in the unified format (real files or ours), checked once
     synthetic  writes a small synthetic multi-domain corpus and its databases in that layout
     simulator  goal generator and the agenda-based user simulator (Schatzmann et al. 2007)
-    tracker    rule-based dialogue state tracker
+    dst        rule-based dialogue state tracking (DST)
     evaluator  success, inform precision/recall/F1, book rate, turns (ConvLab's MultiWozEvaluator, re-derived)
     env        the dialogue environment: system acts, state vector, reward
     policy     rule expert, random baseline, the MLP policy and its imitation pre-training

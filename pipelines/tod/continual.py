@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch.distributions import Bernoulli, kl_divergence
 
-from pipelines import StageResult
 from pipelines.tod.data import TODDataset, load_dataset
 from pipelines.tod.ddpt import (
     INITIAL_ACT_LOGIT,
@@ -60,14 +59,17 @@ from pipelines.tod.policy import MLPPolicy, Policy, RandomPolicy, RuleExpert, Va
 from pipelines.tod.ppo import PPO
 from pipelines.tod.simulator import GoalGenerator
 from pipelines.tod.synthetic import write_synthetic_dataset
+from workbench import tags
 from workbench.config import flatten
 from workbench.instrument import Instrument
+from workbench.launch import base_tags, start_run
 from workbench.policies import PolicyEngine
 from workbench.snapshots import ProbeSet, choose_probe_ids
-from workbench.tracking import Tracker
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
-    from workbench.config import ClearConfig, TODContinualConfig, TODPPOSettings
+    from pipelines.tod.config import ClearConfig, TODContinualStageConfig, TODPPOSettings
+    from workbench.tracking import Tracker
 
 STREAM_EVAL_GOALS, STREAM_EVAL_USER, STREAM_GOALS, STREAM_ENVS, STREAM_RANDOM, STREAM_PROBES, STREAM_REPLAY = range(
     20, 27
@@ -250,7 +252,7 @@ def continual_metrics(
     return out
 
 
-def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
+def run(config: TODContinualStageConfig, tracker: Tracker) -> StageResult:
     seed, env_config, settings = config.seed, config.env, config.continual
     torch.manual_seed(seed)
     sequence, held_out = settings.domains, settings.held_out
@@ -289,9 +291,7 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
         torch.nn.init.constant_(model.head.bias, INITIAL_ACT_LOGIT)
     value = ValueNetwork(len(env.vectorise), config.policy.hidden_size)
     probe = _probe_set(env, generators, everywhere, seed, config.snapshot.probes)
-    tracker.set_tags(
-        {"workbench.device": "cpu", "tod.sequence": ",".join(sequence), "tod.held_out": ",".join(held_out)}
-    )
+    tracker.set_tags({tags.DEVICE: "cpu", "tod.sequence": ",".join(sequence), "tod.held_out": ",".join(held_out)})
 
     baselines = evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM])))
     untrained_figures = evaluate(model.greedy(env))
@@ -301,7 +301,6 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
 
     capacity = max(1, settings.clear.replay_size // replay_piece(config.ppo.num_steps))  # in pieces
     buffer = ReservoirBuffer(capacity, np.random.default_rng([seed, STREAM_REPLAY]))
-    experiment = tracker.client.get_experiment(tracker.client.get_run(tracker.run_id).info.experiment_id).name
     success: list[dict[str, float]] = []
     step, stopped = 0, []
     for stage, domain in enumerate(sequence):
@@ -313,16 +312,10 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
             if settings.method == "clear"
             else PPO(model, value, envs, sample_goal, config.ppo)
         )
-        child = Tracker.start(
-            tracker.tracking_uri,
-            experiment,
-            f"{stage}: {domain}",
-            {"workbench.stage": "tod_continual.domain", "tod.domain": domain, "tod.stage_index": str(stage)},
-            config.tracking.flush_seconds,
-            parent_run_id=tracker.run_id,
-        )
+        child_tags = {**base_tags("tod_continual.domain"), "tod.domain": domain, "tod.stage_index": str(stage)}
+        params = {**flatten(config), "tod.domain": domain}
+        child = start_run(config.tracking, child_tags, params, run_name=f"{stage}: {domain}", parent=tracker)
         with child:
-            child.log_params({**flatten(config), "tod.domain": domain})
             instrument = Instrument(config.snapshot, probe, child, seed=seed)
             engine = PolicyEngine.from_config(config.policies, tracker=child)
 
@@ -335,7 +328,7 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
             ) -> bool:
                 geometry = instrument(model, step)
                 child.log_metrics(metrics, step)
-                return engine.observe(step, {**geometry, **metrics}).stop
+                return engine.observe(step, {**geometry, **metrics}, snapshot=instrument.due(step)).stop
 
             if stage == 0:
                 observe(step, {**untrained_figures[domain]})
@@ -357,6 +350,8 @@ def run(config: TODContinualConfig, tracker: Tracker) -> StageResult:
             end = {**figures[domain], **{f"continual/success/{d}": s for d, s in success[-1].items()}}
             end.update({f"continual/dissatisfied_rate/{d}": f["tod/dissatisfied_rate"] for d, f in figures.items()})
             child.log_metrics(end, step)
+            if engine.ended_by_user:  # a stop request to this domain's run: it ends KILLED, the sequence goes on
+                child.finish("KILLED")
         tracker.log_metrics({f"continual/success/{d}": s for d, s in success[-1].items()}, stage)
         tracker.set_tags({f"tod.continual.{stage}.run_id": child.run_id})
 

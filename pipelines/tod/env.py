@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.tod.data import NO_CONSTRAINT, Act, Database, DomainSchema, Goal, Ontology, acts_from_unified
+from pipelines.tod.dst import DialogueState, RuleDST
 from pipelines.tod.evaluator import DialogueEvaluator, DialogueScore
 from pipelines.tod.simulator import EMOTIONS, AgendaUser
-from pipelines.tod.tracker import DialogueState, RuleTracker
 
 if TYPE_CHECKING:
+    from pipelines.tod.config import TODEnvConfig
     from pipelines.tod.data import TODDataset
-    from workbench.config import TODEnvConfig
 
 AtomicAct = tuple[str, str, str]  # (intent, domain, slot)
 MATCH_BUCKETS = (0, 1, 2, 6)  # 0, 1, 2-5, 6+ entities
@@ -124,7 +124,7 @@ class DialogueEnv:
         self.schemas = [ontology.schema(d) for d in domains]
         self.actions = ActionSpace(self.schemas)
         self.vectorise = StateVectoriser(self.schemas, self.actions)
-        self.tracker = RuleTracker(ontology, domains)
+        self.dst = RuleDST(ontology, domains)
         self.max_turns, self.max_user_acts, self.rewards = max_turns, max_user_acts, rewards
         self._queries: dict[tuple[str, tuple[tuple[str, str], ...]], list[int]] = {}
 
@@ -132,7 +132,7 @@ class DialogueEnv:
         self.goal = goal
         self.user = AgendaUser(goal, self.rng, self.max_user_acts)
         self.evaluator = DialogueEvaluator(goal, self.db, self.ontology)
-        self.state = self.tracker.initial_state()
+        self.state = self.dst.initial_state()
         self.bookings: dict[str, tuple[str, str]] = {}  # domain -> (entity name or train id, reference)
         self.emotions = Counter(dict.fromkeys(EMOTIONS, 0))  # the user's emotion after each system turn
         self._hear(self.user.start())
@@ -140,7 +140,7 @@ class DialogueEnv:
 
     def step(self, chosen: Sequence[AtomicAct]) -> tuple[DialogueState, float, bool]:
         acts = self.realise(chosen)
-        self.tracker.update_system(self.state, acts)
+        self.dst.update_system(self.state, acts)
         self.evaluator.add_system_acts(acts)
         self._hear(self.user.respond(acts))
         self.emotions[self.user.emotion] += 1
@@ -186,7 +186,7 @@ class DialogueEnv:
     def replay(self, dialogue: dict, where: str) -> list[tuple[np.ndarray, list[AtomicAct], str | None]]:
         """A recorded dialogue's system turns as (state vector before the turn, the wizard's atomic acts, active
         domain): the imitation data. A `nobook` was a booking tried; a `nooffer` names no slot and is left out."""
-        self.state = self.tracker.initial_state()
+        self.state = self.dst.initial_state()
         turns = []
         for t, turn in enumerate(dialogue["turns"]):
             acts = acts_from_unified(turn.get("dialogue_acts", {}), f"{where} turn {t}")
@@ -200,7 +200,7 @@ class DialogueEnv:
             for intent, d, _, _ in acts:
                 if intent == "book" and d in self.state.booked:
                     self.state.booked[d] = True
-            self.tracker.update_system(self.state, acts)
+            self.dst.update_system(self.state, acts)
         return turns
 
     def query(self, domain: str) -> list[int]:
@@ -211,7 +211,7 @@ class DialogueEnv:
         return self._queries[key]
 
     def _hear(self, user_acts: list[Act]) -> None:
-        self.tracker.update_user(self.state, user_acts)
+        self.dst.update_user(self.state, user_acts)
         self.state.matches = {s.name: len(self.query(s.name)) for s in self.schemas}
 
 

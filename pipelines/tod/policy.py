@@ -10,10 +10,8 @@ input projection (the state's embedding) and layer_i the i-th hidden layer's act
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,9 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipelines.tod.data import TAXI, Goal
+from pipelines.tod.dst import DialogueState
 from pipelines.tod.env import AtomicAct, DialogueEnv
 from pipelines.tod.evaluator import DialogueScore
-from pipelines.tod.tracker import DialogueState
+from workbench.artifacts import MODEL_DIR, log_folder
 
 if TYPE_CHECKING:
     from workbench.tracking import Tracker
@@ -171,10 +170,7 @@ def act_accuracy(model: MLPPolicy, states: torch.Tensor, targets: torch.Tensor) 
     return loss, exact
 
 
-def log_policy(model: MLPPolicy, tracker: Tracker, artifact_path: str = "model") -> str:
+def log_policy(model: MLPPolicy, tracker: Tracker, artifact_path: str = MODEL_DIR) -> str:
     """The policy's weights as `<artifact_path>/policy.safetensors` (both TOD stages); their `runs:/` URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "policy.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        tracker.log_artifact(path, artifact_path)
-    return f"runs:/{tracker.run_id}/{artifact_path}"
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return log_folder(tracker, artifact_path, lambda folder: save_file(weights, str(folder / "policy.safetensors")))

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.distributions import Bernoulli
 
+from pipelines.tod.config import TODPPOSettings
 from pipelines.tod.data import Goal
 from pipelines.tod.env import DialogueEnv
 from pipelines.tod.policy import MLPPolicy, ValueNetwork
-from workbench.config import TODPPOSettings
 
 
 class PPO:

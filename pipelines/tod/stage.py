@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import StageResult
 from pipelines.tod.data import TODDataset, load_dataset
 from pipelines.tod.env import DialogueEnv, env_factory
 from pipelines.tod.evaluator import summarize
@@ -37,13 +36,16 @@ from pipelines.tod.policy import (
 from pipelines.tod.ppo import PPO
 from pipelines.tod.simulator import GoalGenerator
 from pipelines.tod.synthetic import write_synthetic_dataset
+from workbench import tags
+from workbench.artifacts import model_checkpoint_path
 from workbench.errors import WorkbenchError
 from workbench.instrument import Instrument
 from workbench.policies import PolicyEngine
 from workbench.snapshots import ProbeSet, choose_probe_ids
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
-    from workbench.config import TODConfig
+    from pipelines.tod.config import TODStageConfig
     from workbench.tracking import Tracker
 
 # Independent random streams per purpose, so e.g. the evaluation goals do not depend on the corpus size.
@@ -100,7 +102,7 @@ def make_probe_set(demos: Demonstrations, n_probes: int, seed: int) -> ProbeSet:
     )
 
 
-def run(config: TODConfig, tracker: Tracker) -> StageResult:
+def run(config: TODStageConfig, tracker: Tracker) -> StageResult:
     seed, env_config = config.seed, config.env
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="workbench-tod-") as tmp:
@@ -128,7 +130,7 @@ def run(config: TODConfig, tracker: Tracker) -> StageResult:
     value = ValueNetwork(len(env.vectorise), config.policy.hidden_size)
     instrument = Instrument(config.snapshot, make_probe_set(demos, config.snapshot.probes, seed), tracker, seed=seed)
     engine = PolicyEngine.from_config(config.policies, tracker=tracker)
-    tracker.set_tags({"workbench.device": "cpu", "tod.data": config.data.path or "synthetic (generated at run time)"})
+    tracker.set_tags({tags.DEVICE: "cpu", "tod.data": config.data.path or "synthetic (generated at run time)"})
 
     baselines = {
         "rule_expert": evaluate(RuleExpert(env)),
@@ -145,9 +147,9 @@ def run(config: TODConfig, tracker: Tracker) -> StageResult:
         """Snapshot, log, and ask the policy engine; True: stop here."""
         geometry = instrument(model, step)
         tracker.log_metrics(metrics, step)
-        decision = engine.observe(step, {**geometry, **metrics})
+        decision = engine.observe(step, {**geometry, **metrics}, snapshot=instrument.due(step))
         if decision.checkpoint:
-            log_policy(model, tracker, f"checkpoints/step_{step:08d}")
+            log_policy(model, tracker, model_checkpoint_path(step))
         if decision.stop:
             stopped.append(f"stopped at step {step}: {decision.reason}")
         return decision.stop
@@ -225,4 +227,4 @@ def run(config: TODConfig, tracker: Tracker) -> StageResult:
         f"final: inform F1 {final['tod/inform_f1']:.3f}, book rate {final['tod/book_rate']:.3f}, "
         f"turns {final['tod/turns']:.2f}",
     ]
-    return StageResult(model_uri=log_policy(model, tracker), metrics=facts, summary=summary)
+    return StageResult(log_policy(model, tracker), facts, summary, ended_by_user=engine.ended_by_user)

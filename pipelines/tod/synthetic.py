@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.tod.data import TAXI, Act, Database, Ontology, acts_to_unified, load_dataset, parse_ontology
+from pipelines.tod.dst import DialogueState
 from pipelines.tod.env import DialogueEnv
 from pipelines.tod.policy import RuleExpert
 from pipelines.tod.simulator import GoalGenerator
-from pipelines.tod.tracker import DialogueState
 
 DOMAINS = ("restaurant", "hotel", "attraction", "train", "taxi")
 AREAS = ["centre", "north", "south", "east", "west"]

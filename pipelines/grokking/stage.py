@@ -10,19 +10,19 @@ we would write our own).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from analysis.forecast import GENERALISED_ACC, GROKKED_ACC, MEMORISED_ACC
 from analysis.series import first_step_at_least, largest_change
-from pipelines import StageResult
+from pipelines.grokking.config import GrokkingModelConfig, GrokkingStageConfig, TaskConfig
+from workbench import tags
+from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
 from workbench.checkpoint import PeriodicCheckpoints, data_identity
-from workbench.config import GrokkingConfig, GrokkingModelConfig, TaskConfig
 from workbench.instrument import Instrument
 from workbench.liveness import pending_stop_signal
 from workbench.policies import PolicyEngine
@@ -35,16 +35,13 @@ from workbench.runtime import (
     resolve_device,
 )
 from workbench.snapshots import ProbeSet, choose_probe_ids
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from workbench.resume import Resumption
     from workbench.tracking import Tracker
-
-MEMORISED_ACC = 0.99  # train accuracy that counts as "memorised"
-GROKKED_ACC = 0.5  # test accuracy at the middle of the jump: the grokking step
-GENERALISED_ACC = 0.95
 
 OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "+": lambda a, b, p: (a + b) % p,
@@ -172,25 +169,25 @@ def _history_before(resume: Resumption) -> History:
 
 
 def train(
-    config: GrokkingConfig,
+    config: GrokkingStageConfig,
     model: torch.nn.Module,
     data: ModularData,
     log: Callable[[Mapping[str, float], int], None],
     instrument: Instrument | None,
     device: str,
-    policy: PolicyEngine | None = None,
-    checkpoint: Callable[[int], None] | None = None,
-    checkpoints: PeriodicCheckpoints | None = None,
+    engine: PolicyEngine | None = None,
+    save_model: Callable[[int], None] | None = None,
+    state_checkpoints: PeriodicCheckpoints | None = None,
 ) -> History:
     """Full-batch AdamW; the model at step s has had s updates, and every metric at s describes it.
 
-    `policy` sees every logged step's metrics; when it says so, `checkpoint(step)` saves the model, and a stop
-    ends the loop at that step, after its metrics are logged, as if it were the last step. `checkpoints` saves
+    `engine` sees every logged step's metrics; when it says so, `save_model(step)` saves the model, and a stop
+    ends the loop at that step, after its metrics are logged, as if it were the last step. `state_checkpoints` saves
     the whole training state (at step s: after s updates, before step s is logged) every so often and on
     SIGINT/SIGTERM, which then end the run; a resumed loop starts at the checkpoint's step.
 
     Under a multi-process launch `model` is DDP-wrapped and each rank trains on every world-th train pair;
-    rank 0's policy decides for all ranks, and snapshots and test metrics come from the unwrapped model.
+    rank 0's engine decides for all ranks, and snapshots and test metrics come from the unwrapped model.
     """
     from accelerate.utils import extract_model_from_parallel
 
@@ -201,7 +198,7 @@ def train(
     )
     warmup = config.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    start = checkpoints.restore(core, opt, schedule) if checkpoints is not None else 0
+    start = state_checkpoints.restore(core, opt, schedule) if state_checkpoints is not None else 0
     x_train, y_train = data.inputs[data.train_ids].to(device), data.targets[data.train_ids].to(device)
     # Scaling a rank's mean loss by its share of the batch times the number of ranks makes DDP's gradient
     # average the full-batch gradient (up to summation order); `share` is exactly 1 for one process.
@@ -229,10 +226,10 @@ def train(
         return metrics
 
     for step in range(start, config.train.max_steps + 1):
-        if checkpoints is not None:
+        if state_checkpoints is not None:
             stop_signal = pending_stop_signal()
-            if stop_signal is not None or checkpoints.due(step):
-                checkpoints.save(step, core, opt, schedule)
+            if stop_signal is not None or state_checkpoints.due(step):
+                state_checkpoints.save(step, core, opt, schedule)
             if stop_signal is not None:
                 bar.close()
                 raise KeyboardInterrupt(f"{stop_signal}: checkpointed at step {step}")
@@ -244,12 +241,13 @@ def train(
         due = step % config.train.eval_every == 0 or step == config.train.max_steps
         metrics = evaluate(step, logits, loss) if due else {}
         save = stop = False
-        if policy is not None and (geometry or metrics):
-            decision = policy.observe(step, {**geometry, **metrics})
+        snapshot = instrument is not None and instrument.due(step)
+        if engine is not None and (snapshot or metrics):
+            decision = engine.observe(step, {**geometry, **metrics}, snapshot=snapshot)
             save, stop, history.stop_reason = decision.checkpoint, decision.stop, decision.reason
         save, stop = broadcast_flags(save, stop)  # rank 0 decides for every rank: they stop at the same step
-        if save and checkpoint is not None:
-            checkpoint(step)
+        if save and save_model is not None:
+            save_model(step)
         if stop:
             if not metrics:  # the final metrics describe the model the run ends with
                 evaluate(step, logits, loss)
@@ -324,56 +322,49 @@ def _relative_to(step: int, reference: int) -> str:
     return f"{abs(step - reference)} steps {'before' if step < reference else 'after'}"
 
 
-def run(config: GrokkingConfig, tracker: Tracker, resume: Resumption | None = None) -> StageResult:
+def run(config: GrokkingStageConfig, tracker: Tracker, resume: Resumption | None = None) -> StageResult:
     """Train and summarise; with `resume` (`workbench resume`), continue a run from its latest checkpoint."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     data = make_dataset(config.task, config.seed)
     model = build_model(config.model, vocab_size=config.task.p + 1).to(device)
     probe = make_probe_set(data, config.snapshot.probes, config.seed)
-    # Rank 0 alone snapshots (the same probes, whatever the number of processes) and prints the policy's lines.
+    # Rank 0 alone snapshots (the same probes, whatever the number of processes) and prints the engine's lines.
     instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed) if is_main_process() else None
-    tracker.set_tags({"workbench.device": device})
-    policy = PolicyEngine.from_config(config.policies, tracker=tracker, console=is_main_process())
+    tracker.set_tags({tags.DEVICE: device})
+    engine = PolicyEngine.from_config(config.policies, tracker=tracker, console=is_main_process())
     trained = model
     if distributed():
         from accelerate import Accelerator
 
         trained = Accelerator(cpu=device == "cpu").prepare_model(model)  # DDP: gradients all-reduced each step
 
-    def checkpoint(step: int) -> None:
-        _log_model(model, tracker, f"checkpoints/step_{step:08d}")
+    def save_model(step: int) -> None:
+        log_pretrained(tracker, model_checkpoint_path(step), model)
 
-    checkpoints = None  # multi-process runs are not checkpointed for resume yet (docs/resume.md)
+    state_checkpoints = None  # multi-process runs are not checkpointed for resume yet (docs/resume.md)
     if not distributed():
         extra = (lambda: {"instrument": instrument.state()}) if instrument is not None else None
         data_id = data_identity(data.train_ids, data.test_ids)
         resume_from = resume.checkpoint if resume is not None else None
-        checkpoints = PeriodicCheckpoints(tracker, config.train.checkpoint_every, data_id, resume_from, extra)
+        state_checkpoints = PeriodicCheckpoints(tracker, config.train.checkpoint_every, data_id, resume_from, extra)
     if resume is not None:
-        resume.replay(policy)
+        resume.replay(engine)
         if instrument is not None:
             instrument.restore(resume.checkpoint.extra["instrument"])
-    history = train(config, trained, data, tracker.log_metrics, instrument, device, policy, checkpoint, checkpoints)
+    history = train(
+        config, trained, data, tracker.log_metrics, instrument, device, engine, save_model, state_checkpoints
+    )
     if resume is not None:
         history = _history_before(resume).extended(history)
-    policy.finish()
+    engine.finish()
     facts, summary = summarize(history)
     tracker.log_metrics(facts, history.eval_steps[-1])  # the last step trained, whether stopped early or not
     if history.stopped_at is not None:
         summary.insert(0, f"stopped at step {history.stopped_at} of {config.train.max_steps}: {history.stop_reason}")
     grokked = facts.get("grokking/grokking_step")
-    for firing in (f for f in policy.firings if f.kind == "event"):
+    for firing in (f for f in engine.firings if f.kind == "event"):
         when = f" ({_relative_to(firing.step, int(grokked))} grokking)" if grokked is not None else ""
         summary.insert(2, f"step {firing.step}{when}: {firing.message}")
-    model_uri = _log_model(model, tracker)
-    return StageResult(model_uri=model_uri, metrics=facts, summary=summary)
-
-
-def _log_model(model: torch.nn.Module, tracker: Tracker, artifact_path: str = "model") -> str:
-    """Weights as safetensors (`save_pretrained`), loadable with `from_pretrained` by later stages."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        for path in sorted(Path(tmp).iterdir()):
-            tracker.log_artifact(path, artifact_path)
-    return f"runs:/{tracker.run_id}/{artifact_path}"
+    model_uri = log_pretrained(tracker, MODEL_DIR, model)  # safetensors, loadable with from_pretrained
+    return StageResult(model_uri=model_uri, metrics=facts, summary=summary, ended_by_user=engine.ended_by_user)

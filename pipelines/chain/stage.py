@@ -12,17 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines import StageResult, stage_runner
-from workbench.config import ChainConfig, StageConfig, flatten, load_config, to_yaml
+from pipelines.chain.config import ChainStageConfig
+from workbench import tags
+from workbench.config import config_hash, load_config
 from workbench.errors import WorkbenchError
+from workbench.launch import run_nested
 from workbench.policies import attach_policies
-from workbench.runtime import wait_for_everyone
-from workbench.tracking import Tracker, stage_run_tags
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+    from workbench.tracking import Tracker
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_METRICS = (
     "gold/accuracy",
     "gold/reward",
@@ -33,24 +36,7 @@ TABLE_METRICS = (
 )
 
 
-def run_nested(config: StageConfig, parent: Tracker, run_name: str, config_file: str = "") -> tuple[StageResult, str]:
-    """Run one stage as a run nested under `parent`, in the parent's store: (its result, its run id). The
-    stage's run is FAILED if it raises; its model URI is kept as the tag `workbench.model_uri`."""
-    experiment = parent.client.get_experiment(parent.client.get_run(parent.run_id).info.experiment_id).name
-    tags = stage_run_tags(config, config_file)
-    child = Tracker.start_on_every_rank(
-        parent.tracking_uri, experiment, run_name, tags, config.tracking.flush_seconds, parent_run_id=parent.run_id
-    )
-    with child:
-        child.log_params(flatten(config))
-        child.log_text(to_yaml(config), "config.yaml")
-        result = stage_runner(config.stage)(config, child)
-        child.set_tags({"workbench.model_uri": result.model_uri})
-    wait_for_everyone()  # under a multi-process launch the next stage's ranks load what rank 0 logged here
-    return result, child.run_id
-
-
-def run(config: ChainConfig, tracker: Tracker) -> StageResult:
+def run(config: ChainStageConfig, tracker: Tracker) -> StageResult:
     finished = _finished_stages(config.resume_from, tracker) if config.resume_from else {}
     rows: list[tuple[int, str, str, str, dict[str, float]]] = []
     previous_uri: str | None = None
@@ -60,10 +46,9 @@ def run(config: ChainConfig, tracker: Tracker) -> StageResult:
         if previous_uri is not None:
             overrides.append(f"model.name_or_path={previous_uri}")
         stage_config = attach_policies(load_config(path, overrides), path)  # a policy file beside the stage's config
-        tags = stage_run_tags(stage_config, str(path))
         old = finished.get(index)
-        if old is not None and old.data.tags.get("workbench.config_hash") == tags["workbench.config_hash"]:
-            result = StageResult(old.data.tags["workbench.model_uri"], dict(old.data.metrics))
+        if old is not None and old.data.tags.get(tags.CONFIG_HASH) == config_hash(stage_config):
+            result = StageResult(old.data.tags[tags.MODEL_URI], dict(old.data.metrics))
             run_id, how = old.info.run_id, "reused"
         else:
             try:
@@ -76,7 +61,7 @@ def run(config: ChainConfig, tracker: Tracker) -> StageResult:
                     f"before it are finished and kept: rerun with resume_from={tracker.run_id}"
                 ) from exc
             how = "ran"
-        tracker.set_tags({f"workbench.chain.{index}.run_id": run_id, f"workbench.chain.{index}.stage": step.config})
+        tracker.set_tags(tags.chain_stage_tags(index, run_id, step.config))
         shown = {k: v for k, v in result.metrics.items() if k in TABLE_METRICS}
         tracker.log_metrics(shown, index)
         rows.append((index, stage_config.stage, run_id, how, shown))
@@ -101,11 +86,11 @@ def _finished_stages(parent_run_id: str, tracker: Tracker) -> dict[int, Run]:
         parent = client.get_run(parent_run_id)
     except Exception:  # MLflow raises several types for an unknown run id
         raise WorkbenchError(f"resume_from: no run {parent_run_id} in {tracker.tracking_uri}") from None
-    if parent.data.tags.get("workbench.stage") != "chain":
+    if parent.data.tags.get(tags.STAGE) != "chain":
         raise WorkbenchError(f"resume_from: run {parent_run_id} is not a chain run")
     finished = {}
     for key, run_id in parent.data.tags.items():
-        if key.startswith("workbench.chain.") and key.endswith(".run_id"):
+        if key.startswith(tags.CHAIN_PREFIX) and key.endswith(".run_id"):
             run = client.get_run(run_id)
             if run.info.status == "FINISHED":
                 finished[int(key.split(".")[2])] = run

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workbench.config import GoldTaskConfig
+from pipelines.lm.config import GoldTaskConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Ways of getting a reversal wrong, used for noisy pretraining text, rejected answers and ranking candidates.

@@ -10,15 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipelines.task import gold_reward
-from workbench.models import load_pretrained
+from pipelines.lm.models import load_pretrained
+from pipelines.lm.task import gold_reward
+from workbench import tags
+from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
+from workbench.callback import WorkbenchCallback
+from workbench.launch import run_nested
+from workbench.stages import StageResult, stage_config_class
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-    from workbench.callback import WorkbenchCallback
-    from workbench.config import LoraSettings, StageConfig
+    from pipelines.lm.config import LoraSettings
+    from workbench.config import StageConfig
     from workbench.tracking import Tracker
 
 # The stage a stage starts from, trained on the fly (with its defaults) when `model.name_or_path` is empty.
@@ -78,10 +83,7 @@ def starting_model(
     (this stage's seed, device, model sizes and task), as a nested run."""
     if config.model.name_or_path is not None:
         return load_pretrained(config.model.name_or_path, tracker.tracking_uri, head)
-    from pipelines.chain import run_nested
-    from workbench.config import STAGE_CONFIGS
-
-    previous = STAGE_CONFIGS[PREVIOUS_STAGE[config.stage]](
+    previous = stage_config_class(PREVIOUS_STAGE[config.stage])(
         seed=config.seed,
         device=config.device,
         task=config.task,
@@ -90,7 +92,7 @@ def starting_model(
         tracking=config.tracking,
     )
     result, _ = run_nested(previous, tracker, run_name=f"{previous.stage} (on the fly, for {config.stage})")
-    tracker.set_tags({"workbench.base_model": result.model_uri})
+    tracker.set_tags({tags.BASE_MODEL: result.model_uri})
     return load_pretrained(result.model_uri, tracker.tracking_uri, head)
 
 
@@ -176,13 +178,40 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
+def instrument_trainer(trainer: Trainer, config: StageConfig, tracker: Tracker) -> WorkbenchCallback:
+    """Add the workbench's callback to a stage's trainer: snapshots of the trainer's own (processed) eval rows, else
+    its train rows, geometry, the stage's policies, all logged to the stage's run."""
+    rows = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+    callback = WorkbenchCallback(
+        config.snapshot, tracker=tracker, probes=rows, seed=config.seed, policies=config.policies
+    )
+    trainer.add_callback(callback)
+    return callback
+
+
 def log_checkpoints(output_dir: str, tracker: Tracker) -> None:
-    """Checkpoints a policy asked for (`control.should_save`) are kept as run artifacts, not in a temp dir."""
-    for path in sorted(p for p in Path(output_dir).glob("checkpoint-*/**/*") if p.is_file()):
-        tracker.log_artifact(path, f"checkpoints/{path.parent.relative_to(output_dir).as_posix()}")
+    """Checkpoints a policy asked for (`control.should_save`, the trainer's `checkpoint-<step>` folders) are kept
+    as run artifacts `checkpoints/step_XXXXXXXX`, like every stage's, not in a temporary folder."""
+    for folder in sorted(Path(output_dir).glob("checkpoint-*")):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            inside = path.parent.relative_to(folder).as_posix()
+            where = model_checkpoint_path(int(folder.name.removeprefix("checkpoint-")))
+            tracker.log_artifact(path, where if inside == "." else f"{where}/{inside}")
 
 
-def stop_summary(callback: WorkbenchCallback, max_steps: int) -> list[str]:
-    """A first summary line when a policy (or a stop request) ended the stage early."""
-    stopped = callback.policy.stopped if callback.policy is not None else None
-    return [] if stopped is None else [f"stopped at step {stopped.step} of {max_steps}: {stopped.message}"]
+def stage_result(
+    callback: WorkbenchCallback,
+    config: StageConfig,
+    tracker: Tracker,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    metrics: dict[str, float],
+    summary: list[str],
+) -> StageResult:
+    """The end of a stage: its model and tokenizer logged as `model/`, and first in the summary, the step a policy
+    (or a stop request) ended it at."""
+    stopped = callback.engine.stopped if callback.engine is not None else None
+    if stopped is not None:
+        summary = [f"stopped at step {stopped.step} of {config.train.max_steps}: {stopped.message}", *summary]
+    model_uri = log_pretrained(tracker, MODEL_DIR, model, tokenizer)
+    return StageResult(model_uri, metrics, summary, ended_by_user=callback.ended_by_user)

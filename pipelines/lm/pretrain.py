@@ -15,20 +15,26 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from pipelines import StageResult
-from pipelines.supervised import held_out_check, log_checkpoints, stop_summary, training_arguments
-from pipelines.task import ReversalTask
-from workbench.callback import WorkbenchCallback
-from workbench.config import PretrainConfig
-from workbench.data import load_stage_data
-from workbench.models import build_causal_lm, load_pretrained, log_model, train_tokenizer
+from pipelines.lm.config import PretrainStageConfig
+from pipelines.lm.data import load_stage_data
+from pipelines.lm.models import build_causal_lm, load_pretrained, train_tokenizer
+from pipelines.lm.supervised import (
+    held_out_check,
+    instrument_trainer,
+    log_checkpoints,
+    stage_result,
+    training_arguments,
+)
+from pipelines.lm.task import ReversalTask
+from workbench import tags
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-def run(config: PretrainConfig, tracker: Tracker) -> StageResult:
+def run(config: PretrainStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
@@ -45,7 +51,7 @@ def run(config: PretrainConfig, tracker: Tracker) -> StageResult:
         model = build_causal_lm(config.model, tokenizer)
     else:
         model, tokenizer = load_pretrained(config.model.name_or_path, tracker.tracking_uri)
-    tracker.set_tags({"workbench.device": device, "workbench.parameters": str(model.num_parameters())})
+    tracker.set_tags({tags.DEVICE: device, tags.PARAMETERS: str(model.num_parameters())})
 
     def tokenize(rows: list[dict]) -> Dataset:
         texts = [row["text"] + tokenizer.eos_token for row in rows]
@@ -53,7 +59,6 @@ def run(config: PretrainConfig, tracker: Tracker) -> StageResult:
         return Dataset.from_dict({"input_ids": encoded["input_ids"]})
 
     with tempfile.TemporaryDirectory(prefix="workbench-pretrain-") as output_dir:
-        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
         trainer = Trainer(
             model=model,
             args=training_arguments(TrainingArguments, config, output_dir, device),
@@ -61,8 +66,8 @@ def run(config: PretrainConfig, tracker: Tracker) -> StageResult:
             eval_dataset=tokenize(eval_rows),
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),  # labels = inputs, pads ignored
             processing_class=tokenizer,
-            callbacks=[callback],
         )
+        callback = instrument_trainer(trainer, config, tracker)
         trainer.train()
         metrics = {"eval/loss": trainer.evaluate()["eval_loss"]}
         log_checkpoints(output_dir, tracker)
@@ -73,5 +78,4 @@ def run(config: PretrainConfig, tracker: Tracker) -> StageResult:
         metrics.update(held_out_check(model, tokenizer, rows, "prompt_completion", True, 2 * config.task.length + 2))
         summary.append(f"gold accuracy on held-out prompts: {metrics['gold/accuracy']:.3f}")
     tracker.log_metrics(metrics, trainer.state.global_step)
-    summary[:0] = stop_summary(callback, config.train.max_steps)
-    return StageResult(model_uri=log_model(model, tokenizer, tracker), metrics=metrics, summary=summary)
+    return stage_result(callback, config, tracker, model, tokenizer, metrics, summary)

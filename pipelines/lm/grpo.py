@@ -1,7 +1,7 @@
 """Group relative policy optimisation (GRPO; Shao et al. 2024, DeepSeekMath) with TRL's GRPOTrainer.
 
 For each prompt x the policy samples a group of G = `group_size` answers y_1..y_G and each gets a reward r_i
-(`reward.function`: the trained RM, the gold reward or the policy's own confidence; pipelines/rl.py). The
+(`reward.function`: the trained RM, the gold reward or the policy's own confidence; pipelines/lm/rl.py). The
 advantage needs no value model: it is the reward standardised within its group,
 
     A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G),
@@ -24,18 +24,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl import GRPOConfig as TRLGRPOConfig
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
-from pipelines import StageResult
-from pipelines.rl import gold_check, reward_function, start
-from pipelines.supervised import log_checkpoints, lora_config, stop_summary
-from pipelines.task import ReversalTask
-from workbench.callback import WorkbenchCallback
-from workbench.config import GRPOConfig
+from pipelines.lm.config import GRPOStageConfig
+from pipelines.lm.rl import gold_check, reward_function, start
+from pipelines.lm.supervised import instrument_trainer, log_checkpoints, lora_config, stage_result
+from pipelines.lm.task import ReversalTask
+from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.models import log_model
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from workbench.tracking import Tracker
@@ -52,7 +50,7 @@ class GoldCheckCallback(TrainerCallback):
             logs.update(gold_check(kwargs["model"], kwargs["processing_class"], self.task, self.max_new_tokens))
 
 
-def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
+def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     if config.train.batch_size % config.group_size:
         raise WorkbenchError(
@@ -62,7 +60,7 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
     config, policy, tokenizer, base = start(config, tracker)
-    tracker.set_tags({"workbench.device": device, "workbench.reward": config.reward.function})
+    tracker.set_tags({tags.DEVICE: device, tags.REWARD: config.reward.function})
 
     peft_config = lora_config(config.lora)
 
@@ -73,7 +71,7 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
         tokenizer.save_pretrained(start_dir)
         reward = reward_function(config, tracker, base, tokenizer, lambda: trainer.model, device)
         train = config.train
-        args = TRLGRPOConfig(
+        args = GRPOConfig(
             output_dir=output_dir,
             max_steps=train.max_steps,
             per_device_train_batch_size=train.batch_size,
@@ -96,7 +94,6 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
             gradient_checkpointing=False,
             dataloader_num_workers=0,
         )
-        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
         trainer = GRPOTrainer(
             model=str(start_dir),
             reward_funcs=reward,
@@ -104,8 +101,9 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
             train_dataset=Dataset.from_list(task.rl_prompts()),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[GoldCheckCallback(task, config.max_new_tokens), callback],
+            callbacks=[GoldCheckCallback(task, config.max_new_tokens)],
         )
+        callback = instrument_trainer(trainer, config, tracker)
         before = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
         tracker.log_metrics(before, 0)
         trainer.train()
@@ -115,5 +113,4 @@ def run(config: GRPOConfig, tracker: Tracker) -> StageResult:
 
     model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     summary = [f"{key}: {before[key]:.3f} before GRPO -> {after[key]:.3f} after" for key in sorted(after)]
-    summary[:0] = stop_summary(callback, config.train.max_steps)
-    return StageResult(model_uri=log_model(model, tokenizer, tracker), metrics=after, summary=summary)
+    return stage_result(callback, config, tracker, model, tokenizer, after, summary)

@@ -20,17 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
-from trl import RewardConfig as TRLRewardConfig
-from trl import RewardTrainer
+from trl import RewardConfig, RewardTrainer
 
-from pipelines import StageResult
-from pipelines.supervised import log_checkpoints, starting_model, stop_summary, training_arguments
-from pipelines.task import ReversalTask
-from workbench.callback import WorkbenchCallback
-from workbench.config import RewardConfig
-from workbench.data import load_stage_data, ranking_to_pairs
-from workbench.models import log_model
+from pipelines.lm.config import RewardStageConfig
+from pipelines.lm.data import load_stage_data, ranking_to_pairs
+from pipelines.lm.supervised import (
+    instrument_trainer,
+    log_checkpoints,
+    stage_result,
+    starting_model,
+    training_arguments,
+)
+from pipelines.lm.task import ReversalTask
+from workbench import tags
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-def run(config: RewardConfig, tracker: Tracker) -> StageResult:
+def run(config: RewardStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
@@ -49,29 +53,28 @@ def run(config: RewardConfig, tracker: Tracker) -> StageResult:
     train_pairs = ranking_to_pairs(train_rows, source) if fmt == "ranking" else train_rows
     eval_pairs = ranking_to_pairs(eval_rows, source) if fmt == "ranking" else eval_rows
     model, tokenizer = starting_model(config, tracker, head="reward")
-    tracker.set_tags({"workbench.device": device, "workbench.data_format": fmt})
+    tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     def check() -> dict[str, float]:
         return ranking_metrics(trainer.model, tokenizer, eval_rows, fmt)
 
     with tempfile.TemporaryDirectory(prefix="workbench-rm-") as output_dir:
         args = training_arguments(
-            TRLRewardConfig,
+            RewardConfig,
             config,
             output_dir,
             device,
             max_length=config.train.max_length,
             gradient_checkpointing=False,
         )
-        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
         trainer = RewardTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(train_pairs),
             eval_dataset=Dataset.from_list(eval_pairs),
             processing_class=tokenizer,
-            callbacks=[callback],
         )
+        callback = instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
@@ -80,8 +83,7 @@ def run(config: RewardConfig, tracker: Tracker) -> StageResult:
         log_checkpoints(output_dir, tracker)
 
     summary = [f"{key}: {before[key]:.3f} before training -> {after[key]:.3f} after" for key in after]
-    summary[:0] = stop_summary(callback, config.train.max_steps)
-    return StageResult(model_uri=log_model(trainer.model, tokenizer, tracker), metrics=after, summary=summary)
+    return stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)
 
 
 @torch.no_grad()

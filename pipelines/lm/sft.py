@@ -16,31 +16,30 @@ from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
-from trl import SFTConfig as TRLSFTConfig
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
-from pipelines import StageResult
-from pipelines.supervised import (
+from pipelines.lm.config import SFTStageConfig
+from pipelines.lm.data import load_stage_data
+from pipelines.lm.supervised import (
     held_out_check,
+    instrument_trainer,
     log_checkpoints,
     lora_config,
+    stage_result,
     starting_model,
-    stop_summary,
     training_arguments,
 )
-from pipelines.task import ReversalTask
-from workbench.callback import WorkbenchCallback
-from workbench.config import SFTConfig
-from workbench.data import load_stage_data
+from pipelines.lm.task import ReversalTask
+from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.models import log_model
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-def run(config: SFTConfig, tracker: Tracker) -> StageResult:
+def run(config: SFTStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
@@ -53,7 +52,7 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
             f"{config.data.path} is in the {fmt} format; use snapshot.pooling=token (or last, mean)"
         )
     model, tokenizer = starting_model(config, tracker)
-    tracker.set_tags({"workbench.device": device, "workbench.data_format": fmt})
+    tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     peft_config = lora_config(config.lora)
 
@@ -64,9 +63,8 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
 
     with tempfile.TemporaryDirectory(prefix="workbench-sft-") as output_dir:
         args = training_arguments(
-            TRLSFTConfig, config, output_dir, device, max_length=config.train.max_length, gradient_checkpointing=False
+            SFTConfig, config, output_dir, device, max_length=config.train.max_length, gradient_checkpointing=False
         )
-        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -74,8 +72,8 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[callback],
         )
+        callback = instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
@@ -88,5 +86,4 @@ def run(config: SFTConfig, tracker: Tracker) -> StageResult:
     for key in ("gold/accuracy", "eval/exact_match", "eval/rougeL"):
         if key in after:
             summary.append(f"{key}: {before[key]:.3f} before SFT -> {after[key]:.3f} after")
-    summary[:0] = stop_summary(callback, config.train.max_steps)
-    return StageResult(model_uri=log_model(model, tokenizer, tracker), metrics=after, summary=summary)
+    return stage_result(callback, config, tracker, model, tokenizer, after, summary)

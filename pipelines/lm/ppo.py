@@ -4,7 +4,7 @@ Why not TRL's: the installed TRL (1.16) no longer ships a PPO trainer (`trl.expe
 the loop is written here in the CleanRL spirit (`cleanrl/ppo.py`), one update per rollout batch:
 
 1. Rollout: sample an answer per prompt from pi_theta (temperature `temperature`, up to `max_new_tokens`,
-   stopping at EOS); score it once with the reward (`reward.function`, pipelines/rl.py: the frozen RM, the
+   stopping at EOS); score it once with the reward (`reward.function`, pipelines/lm/rl.py: the frozen RM, the
    gold reward or self-feedback).
 2. Per-token reward: r_t = -beta (log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)), plus the score at the last
    token (InstructGPT eq. 2 as a per-token KL penalty; beta = `kl_coef`, pi_ref the frozen starting policy).
@@ -26,25 +26,24 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import StageResult
-from pipelines.rl import RewardFunction, gold_check, reward_function, start
-from pipelines.supervised import lora_config
-from pipelines.task import ReversalTask
+from pipelines.lm.config import PPOStageConfig
+from pipelines.lm.rl import RewardFunction, gold_check, reward_function, start
+from pipelines.lm.supervised import lora_config
+from pipelines.lm.task import ReversalTask
+from workbench import tags
+from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
 from workbench.callback import probe_set_from_rows
-from workbench.config import PPOConfig
 from workbench.instrument import Instrument
-from workbench.models import log_model
 from workbench.policies import PolicyEngine
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,12 +71,12 @@ class PolicyWithValueHead(torch.nn.Module):
         return out.logits.float(), self.value_head(out.hidden_states[-1].detach().float()).squeeze(-1)
 
 
-def run(config: PPOConfig, tracker: Tracker) -> StageResult:
+def run(config: PPOStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
     config, lm, tokenizer, base = start(config, tracker)
-    tracker.set_tags({"workbench.device": device, "workbench.reward": config.reward.function})
+    tracker.set_tags({tags.DEVICE: device, tags.REWARD: config.reward.function})
     reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)  # pi_ref: the starting policy, frozen
     if config.lora.enabled:
         from peft import get_peft_model
@@ -88,7 +87,7 @@ def run(config: PPOConfig, tracker: Tracker) -> StageResult:
     plain_lm = lm.get_base_model() if config.lora.enabled else lm  # the adapted model, its hidden states for snapshots
     probe = probe_set_from_rows(task.rl_prompts("eval"), tokenizer, config.snapshot.probes, config.seed)
     instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed)
-    policy = PolicyEngine.from_config(config.policies, tracker=tracker)
+    engine = PolicyEngine.from_config(config.policies, tracker=tracker)
 
     train = config.train
     optimizer = torch.optim.AdamW(
@@ -114,9 +113,10 @@ def run(config: PPOConfig, tracker: Tracker) -> StageResult:
             tracker.log_metrics(metrics, step)
             stats.clear()
         geometry = instrument(plain_lm, step)
-        decision = policy.observe(step, {**geometry, **metrics}) if geometry or metrics else None
+        snapshot = instrument.due(step)
+        decision = engine.observe(step, {**geometry, **metrics}, snapshot=snapshot) if snapshot or metrics else None
         if decision is not None and decision.checkpoint:
-            _log_checkpoint(lm, tracker, step)
+            log_pretrained(tracker, model_checkpoint_path(step), lm)
         if decision is not None and decision.stop:
             stopped = f"stopped at step {step} of {train.max_steps}: {decision.reason}"
             break
@@ -131,7 +131,7 @@ def run(config: PPOConfig, tracker: Tracker) -> StageResult:
         for key, value in rollout.stats.items():
             stats[key].append(value)
         schedule.step()
-    policy.finish()
+    engine.finish()
 
     if step not in checks:  # stopped between logs: the final figures describe the model the run ends with
         checks[step] = gold_check(lm, tokenizer, task, config.max_new_tokens)
@@ -141,7 +141,8 @@ def run(config: PPOConfig, tracker: Tracker) -> StageResult:
     summary = [f"{key}: {before[key]:.3f} before PPO -> {after[key]:.3f} after" for key in sorted(after)]
     if stopped:
         summary.insert(0, stopped)
-    return StageResult(model_uri=log_model(model, tokenizer, tracker), metrics=after, summary=summary)
+    model_uri = log_pretrained(tracker, MODEL_DIR, model, tokenizer)
+    return StageResult(model_uri, after, summary, ended_by_user=engine.ended_by_user)
 
 
 @dataclass
@@ -166,7 +167,7 @@ def collect_rollout(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     reward: RewardFunction,
-    config: PPOConfig,
+    config: PPOStageConfig,
 ) -> Rollout:
     device = next(agent.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -236,7 +237,7 @@ def collect_rollout(
 
 
 def update(
-    agent: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, config: PPOConfig
+    agent: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout: Rollout, config: PPOStageConfig
 ) -> dict[str, float]:
     """`ppo_epochs` passes of clipped PPO over `minibatches` minibatches of the rollout."""
     n = rollout.sequences.shape[0]
@@ -301,11 +302,3 @@ def _whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mean = (values * mask).sum() / tokens
     var = (((values - mean) ** 2) * mask).sum() / tokens
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def _log_checkpoint(model: PreTrainedModel, tracker: Tracker, step: int) -> None:
-    """A policy's `checkpoint` action: the policy's weights as run artifacts `checkpoints/step_<step>`."""
-    with tempfile.TemporaryDirectory(prefix="workbench-ppo-") as tmp:
-        model.save_pretrained(tmp)
-        for path in sorted(Path(tmp).iterdir()):
-            tracker.log_artifact(path, f"checkpoints/step_{step:08d}")

@@ -21,30 +21,36 @@ from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
-from trl import DPOConfig as TRLDPOConfig
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 
-from pipelines import StageResult
-from pipelines.supervised import held_out_check, log_checkpoints, starting_model, stop_summary, training_arguments
-from pipelines.task import ReversalTask
-from workbench.callback import WorkbenchCallback, workbench_metric_name
-from workbench.config import DPOConfig
-from workbench.data import load_stage_data
-from workbench.models import log_model
+from pipelines.lm.config import DPOStageConfig
+from pipelines.lm.data import load_stage_data
+from pipelines.lm.supervised import (
+    held_out_check,
+    instrument_trainer,
+    log_checkpoints,
+    stage_result,
+    starting_model,
+    training_arguments,
+)
+from pipelines.lm.task import ReversalTask
+from workbench import tags
+from workbench.callback import workbench_metric_name
 from workbench.runtime import resolve_device
+from workbench.stages import StageResult
 
 if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-def run(config: DPOConfig, tracker: Tracker) -> StageResult:
+def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     task = ReversalTask(config.task, config.seed)
     train_rows, eval_rows, fmt = load_stage_data(config.data, "dpo", ("preference",), task.preference_rows, config.seed)
     policy, tokenizer = starting_model(config, tracker)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the starting policy, frozen
-    tracker.set_tags({"workbench.device": device, "workbench.data_format": fmt})
+    tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     gold = config.data.path is None
 
@@ -53,7 +59,7 @@ def run(config: DPOConfig, tracker: Tracker) -> StageResult:
 
     with tempfile.TemporaryDirectory(prefix="workbench-dpo-") as output_dir:
         args = training_arguments(
-            TRLDPOConfig,
+            DPOConfig,
             config,
             output_dir,
             device,
@@ -63,7 +69,6 @@ def run(config: DPOConfig, tracker: Tracker) -> StageResult:
             max_length=config.train.max_length,
             gradient_checkpointing=False,
         )
-        callback = WorkbenchCallback(config.snapshot, tracker=tracker, seed=config.seed, policies=config.policies)
         trainer = DPOTrainer(
             model=policy,
             ref_model=reference,
@@ -71,8 +76,8 @@ def run(config: DPOConfig, tracker: Tracker) -> StageResult:
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tokenizer,
-            callbacks=[callback],
         )
+        callback = instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
@@ -87,5 +92,4 @@ def run(config: DPOConfig, tracker: Tracker) -> StageResult:
     for key in ("gold/accuracy", "eval/exact_match"):
         if key in after:
             summary.append(f"{key}: {before[key]:.3f} before DPO -> {after[key]:.3f} after")
-    summary[:0] = stop_summary(callback, config.train.max_steps)
-    return StageResult(model_uri=log_model(trainer.model, tokenizer, tracker), metrics=after, summary=summary)
+    return stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)

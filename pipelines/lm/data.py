@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from workbench.config import DataConfig
+from pipelines.lm.config import DataConfig
 from workbench.errors import WorkbenchError
 
 FORMATS: dict[str, tuple[str, ...]] = {

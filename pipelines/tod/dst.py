@@ -29,7 +29,7 @@ class DialogueState:
         return {s: v for s, v in self.belief[domain].items() if v}
 
 
-class RuleTracker:
+class RuleDST:
     def __init__(self, ontology: Ontology, domains: Iterable[str]) -> None:
         self.schemas = {d: ontology.schema(d) for d in domains}
 

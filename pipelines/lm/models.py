@@ -2,7 +2,7 @@
 
 Nothing here downloads: a tokenizer is trained with `tokenizers` on the stage's own corpus, a tiny model is
 built from a `transformers` config, and `model.name_or_path` is a local directory or an MLflow artifact
-URI (`runs:/<run_id>/model`) that a previous stage logged with `log_model`.
+URI (`runs:/<run_id>/model`) that a previous stage logged (`workbench.artifacts.log_pretrained`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-    from workbench.config import ModelConfig
-    from workbench.tracking import Tracker
+    from pipelines.lm.config import ModelConfig
 
 PAD, EOS = "<pad>", "<eos>"
 _MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:", "s3://", "gs://", "http://", "https://")
@@ -136,14 +135,3 @@ def _load_dir(path: Path, name: str, head: str) -> tuple[PreTrainedModel, PreTra
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def log_model(model: Any, tokenizer: Any, tracker: Tracker) -> str:
-    """Save model and tokenizer (`save_pretrained`, safetensors) as the run's `model/` artifacts; returns the
-    URI a later stage passes as `model.name_or_path`."""
-    with tempfile.TemporaryDirectory(prefix="workbench-save-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for path in sorted(Path(tmp).iterdir()):
-            tracker.log_artifact(path, "model")
-    return f"runs:/{tracker.run_id}/model"

@@ -4,7 +4,7 @@ Rewards (`reward.function`), each with TRL's reward-function signature `f(prompt
 
 - `rm`: the reward model of the rm stage, r(x, y) of prompt + answer + EOS, as it was trained (a proxy: with
   a biased labeller, `task.length_bias` > 0, it rewards longer answers and the policy can hack it);
-- `gold`: the task's gold reward (pipelines/task.py), the reward the proxy stands for;
+- `gold`: the task's gold reward (pipelines/lm/task.py), the reward the proxy stands for;
 - `self_confidence`: the policy's own mean token probability of its answer, exp(1/T sum_t log pi(y_t|x, y_<t)),
   a self-feedback reward in the spirit of RLSF (van Niekerk et al. 2025): no labels, and a known way to
   drive entropy down.
@@ -20,19 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipelines.rm import scores
-from pipelines.supervised import held_out_check, starting_model
-from pipelines.task import ReversalTask, gold_reward
+from pipelines.lm.config import RewardStageConfig
+from pipelines.lm.models import load_pretrained
+from pipelines.lm.rm import scores
+from pipelines.lm.supervised import held_out_check, starting_model
+from pipelines.lm.task import ReversalTask, gold_reward
+from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.models import load_pretrained
+from workbench.launch import run_nested
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from workbench.config import GRPOConfig, PPOConfig
+    from pipelines.lm.config import GRPOStageConfig, PPOStageConfig
     from workbench.tracking import Tracker
 
-    RLConfig = GRPOConfig | PPOConfig
+    RLConfig = GRPOStageConfig | PPOStageConfig
 
 RewardFunction = Callable[..., list[float]]
 CHECKED_PROMPTS = 128  # held-out prompts of the periodic gold check (x 4 sampled answers, + 1 greedy)
@@ -51,15 +54,15 @@ def start(config: RLConfig, tracker: Tracker) -> tuple[RLConfig, PreTrainedModel
             run = tracker.client.get_run(uri.removeprefix("runs:/").split("/")[0])
         except Exception:  # MLflow raises several types for an unknown run id; load_pretrained says which
             run = None
-        if run is not None and run.data.tags.get("workbench.stage") == "rm":
-            policy_uri = run.data.tags.get("workbench.base_model") or run.data.params["model.name_or_path"]
+        if run is not None and run.data.tags.get(tags.STAGE) == "rm":
+            policy_uri = run.data.tags.get(tags.BASE_MODEL) or run.data.params["model.name_or_path"]
             update = {"model": config.model.model_copy(update={"name_or_path": policy_uri})}
             if config.reward.model is None:
                 update["reward"] = config.reward.model_copy(update={"model": uri})
             config = config.model_copy(update=update)
     policy, tokenizer = starting_model(config, tracker)
-    base = config.model.name_or_path or tracker.get_tag("workbench.base_model")
-    tracker.set_tags({"workbench.policy_model": base})
+    base = config.model.name_or_path or tracker.get_tag(tags.BASE_MODEL)
+    tracker.set_tags({tags.POLICY_MODEL: base})
     return config, policy, tokenizer, base
 
 
@@ -99,10 +102,7 @@ def reward_model(config: RLConfig, tracker: Tracker, base: str) -> tuple[Any, An
     model with this stage's task, so `task.length_bias` biases its labeller."""
     uri = config.reward.model
     if uri is None:
-        from pipelines.chain import run_nested
-        from workbench.config import RewardConfig
-
-        rm_config = RewardConfig(
+        rm_config = RewardStageConfig(
             seed=config.seed,
             device=config.device,
             task=config.task,
@@ -113,7 +113,7 @@ def reward_model(config: RLConfig, tracker: Tracker, base: str) -> tuple[Any, An
         )
         result, _ = run_nested(rm_config, tracker, run_name=f"rm (on the fly, for {config.stage})")
         uri = result.model_uri
-    tracker.set_tags({"workbench.reward_model": uri})
+    tracker.set_tags({tags.REWARD_MODEL: uri})
     try:
         return load_pretrained(uri, tracker.tracking_uri, head="reward")
     except WorkbenchError as exc:

@@ -1,0 +1,1 @@
+"""Chains: stages in order, each from the previous one's model (`config.py`, `stage.py`)."""

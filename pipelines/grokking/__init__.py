@@ -1,0 +1,1 @@
+"""The grokking stage: modular arithmetic learnt by a tiny decoder (`config.py`, `stage.py`)."""
