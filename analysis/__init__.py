@@ -11,6 +11,7 @@ ripser; never on MLflow or training code.
 * :class:`PersistentHomology`, :func:`maxmin_landmarks` -- H0/H1 features with ripser on max-min landmarks.
 * :func:`twonn_mle` -- both global estimates from one kNN search (the online path).
 * :func:`knn_distances` -- chunked exact kNN distances in torch.
+* :class:`Estimator` -- the base class of the estimators above (scikit-learn conventions, ``analysis.base``).
 
 The names are loaded on first access (PEP 562), so importing a light submodule such as ``analysis.series``
 does not import torch.
@@ -22,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from analysis.base import Estimator
     from analysis.knn import knn_distances
     from analysis.lid import MLE, TwoNN, lPCA, twonn_mle
     from analysis.spectra import AlphaReQ, EffectiveRank, ParticipationRatio
@@ -31,6 +33,7 @@ __all__ = [
     "MLE",
     "AlphaReQ",
     "EffectiveRank",
+    "Estimator",
     "ParticipationRatio",
     "PersistentHomology",
     "TwoNN",
@@ -51,6 +54,7 @@ _HOME = {
     "maxmin_landmarks": "analysis.tda",
     "EffectiveRank": "analysis.spectra",
     "knn_distances": "analysis.knn",
+    "Estimator": "analysis.base",
 }
 
 

@@ -4,8 +4,9 @@ A forecaster is fed one logged step at a time (`observe(step, metrics)`, the met
 and returns a `ForecastEvent` the step it fires. `active(step)` says whether its forecast still holds;
 the policy engine's `hold` action uses it to suppress stop rules while, e.g., grokking is forecast.
 
-Which signal forecasts grokking was chosen by measurement on `benchmarks/forecast_suite.py`, not by
-assumption: see `docs/forecasting.md` for the table (hit rate, lead, false alarms) of every candidate.
+`FORECASTERS` holds the forecasters the workbench ships; `CANDIDATES` the grokking forecasters that
+`benchmarks/forecast_suite.py` compares the shipped one with (hit rate, lead, false alarms: the table is in
+`docs/forecasting.md`, the figures in `benchmarks/results/forecast_suite.md`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
+# The grokking thresholds, defined here and only here: import them from this module.
 MEMORISED_ACC = 0.99  # train accuracy that counts as memorised
 GROKKED_ACC = 0.5  # test accuracy in the middle of the jump: the grokking step
-GENERALISED_ACC = 0.95
+GENERALISED_ACC = 0.95  # test accuracy that counts as generalised: the jump is over
 
 
 @dataclass(frozen=True)
@@ -55,18 +57,18 @@ def resolve_last_layer(pattern: str, keys: Mapping[str, float]) -> str | None:
 class PrecursorForecaster:
     """Grokking forecast from one series: after memorisation, the series leaves its plateau extreme.
 
-    The run is *memorised* at the first step with ``train/acc >= 0.99`` while ``eval/acc < 0.5``. From then
-    on the forecaster tracks the extreme of ``metric`` (its running peak for ``direction='fall'``, trough for
-    'rise') and fires once the metric has moved ``move`` (relative) away from it, and past its value at
-    memorisation, on ``sustain`` consecutive observations, provided test accuracy is still below 0.5
-    (afterwards it is no forecast). This is the rule
-    of FINDINGS.md ("15 % below the running peak after memorisation, for 3 probes") made generic, so that
-    geometry, test loss and weight norm are compared under one rule.
+    The run is *memorised* at the first step with ``train/acc >= MEMORISED_ACC`` while
+    ``eval/acc < GROKKED_ACC``. From then on the forecaster tracks the extreme of ``metric`` (its running peak
+    for ``direction='fall'``, trough for 'rise') and fires once the metric has moved ``move`` (relative) away
+    from it, and past its value at memorisation, on ``sustain`` consecutive observations, provided test
+    accuracy is still below ``GROKKED_ACC`` (afterwards it is no forecast). Any series can be plugged in, so
+    geometry, test loss and weight norm are compared under one rule (``CANDIDATES``).
 
-    The predicted onset is ``fire + onset_ratio * (fire - memorised)``: the median ratio of the remaining
-    plateau to the elapsed one, measured on the suite. The forecast stays active until test accuracy reaches
-    0.95 or ``expire_ratio`` times the elapsed plateau has passed without it (a forecast that does not come
-    true must not hold stop rules forever).
+    The predicted onset is ``fire + onset_ratio * (fire - memorised)``: ``onset_ratio`` is the ratio of the
+    remaining plateau to the elapsed one at the fire step (the shipped value is the suite's median). The
+    forecast stays active until test accuracy reaches ``GENERALISED_ACC`` or ``expire_ratio`` times the
+    elapsed plateau has passed without it (a forecast that does not come true must not hold stop rules
+    forever).
     """
 
     def __init__(
@@ -144,14 +146,14 @@ class PrecursorForecaster:
 
 
 class CollapseDetector:
-    """Fires `collapse` when training goes bad in one of the ways DESIGN.md names, whichever comes first:
+    """Fires `collapse` when training goes bad in one of these four ways, whichever comes first:
 
     * representation collapse: a layer's effective rank (RankMe, Garrido et al. 2023) falls below
       ``rank_fraction`` of its first value on ``sustain`` consecutive snapshots;
     * policy-entropy collapse: on an RL run (one that logs a proxy ``reward``), TRL's ``entropy`` below
       ``entropy_fraction`` of its first logged value. Relative, because the entropy a healthy policy keeps depends
-      on the task (0.2-0.3 nats per token on the built-in task, docs/rl.md), and RL-only, because falling
-      entropy on demonstrations is what supervised fine-tuning is for;
+      on the task (the entropy column of the table in docs/rl.md has it for the built-in task), and RL-only,
+      because falling entropy on demonstrations is what supervised fine-tuning is for;
     * KL blow-up: ``kl`` (or ``objective/kl``) above ``kl_ceiling``;
     * reward hacking: over the last ``window`` observations the proxy reward (``reward``, TRL's name) trends
       up while the gold check (``gold/reward`` or ``gold/accuracy``) trends down and sits ``gold_drop`` below
@@ -257,7 +259,8 @@ CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
 
 FORECASTERS: dict[str, Callable[[], Forecaster]] = {
     # The suite's winner (docs/forecasting.md): test loss 5 % under its post-memorisation peak and under its
-    # value at memorisation, 3 evaluations running; the remaining plateau was then 2.4x the elapsed one (median).
+    # value at memorisation, 3 evaluations running; onset_ratio is the suite's median ratio of remaining to
+    # elapsed plateau at the fire step (docs/forecasting.md gives it and how it was calibrated).
     "grokking_forecast": lambda: PrecursorForecaster("grokking_forecast", "eval/loss", move=0.05, onset_ratio=2.4),
     "collapse": CollapseDetector,
 }

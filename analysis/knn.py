@@ -7,10 +7,10 @@ Algorithm (:func:`knn_from_points`). Squared distances come from ``||x||^2 + ||y
 points, one matmul per block. The distance matrix is symmetric, so only blocks on or above the diagonal
 are computed (half the FLOPs of the full matmul) and each one is offered to both its row points and its
 column points; every point keeps a running top-k (a pool of 3k candidate slots and ``tau``, a bound on its
-k-th smallest value). After the diagonal squares, only ~2 % of a block's entries beat ``tau``, so each side
-of a block costs one comparison pass and one nonzero, and the few candidates are scattered into the pools; a
-pool is cut back to its k smallest (one small ``topk``) only when it fills up. Clouds of up to 4 096 points
-are one full block. Memory otherwise: one block of distances (at most
+k-th smallest value). After the diagonal squares, only a small fraction of a block's entries beat ``tau``, so
+each side of a block costs one comparison pass and one nonzero, and the few candidates are scattered into the
+pools; a pool is cut back to its k smallest (one small ``topk``) only when it fills up. Clouds of up to
+4 096 points are one full block. Memory otherwise: one block of distances (at most
 ``chunk_size x max(chunk_size, 2**22 / chunk_size)`` entries, and never more than ``chunk_size x n``) plus
 O(block) temporaries, the pools (n x 3k values and indices) and O(n x d) copies of the points.
 
@@ -34,20 +34,23 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
+from analysis.base import check_int
+
 ArrayLike: TypeAlias = np.ndarray | torch.Tensor
 
 # Distances held in one block by the automatic block shape: 2**22 float32 values = 16 MiB. Large enough
-# for a near-peak matmul (1024 x 768 x 4096 runs at ~95 % of the large-matmul rate on a 2-core CPU), small
-# enough that the comparison and merge passes over it stay cheap.
+# for a matmul near the large-matmul rate (benchmarks/results/geometry.md has that limit), small enough that
+# the comparison and merge passes over it stay cheap.
 _BLOCK_ELEMENTS = 2**22
 # Automatic row-block height. Blocks on the diagonal are computed in full (their lower half is wasted), so
 # they are re-split with the smaller leaf height: the waste is then n * _LEAF_ROWS / 2 of ~n^2 / 2 entries.
 # A leaf square also gives every point its first tau (its k-th nearest among the leaf's points): 512 rows
-# let ~20 % fewer candidates through the later blocks than 256, for ~4 % more matmul time (5 000 x 768).
+# let fewer candidates through the later blocks than 256, for a little more matmul time in the squares.
 _AUTO_ROWS = 1024
 _LEAF_ROWS = 512
 # Clouds with at most this many pairwise entries (4 096 points; 64 MiB of float32) are searched as one full
-# block (see _block_shape): measured ~2x faster than the sweep on 3 072 x 64 snapshots, the online case.
+# block (see _block_shape): at that size one square and one topk beat the sweep's many small blocks, and
+# snapshot-sized clouds (the online case) fall here.
 _SMALL_ELEMENTS = 2**24
 # A refined squared distance is taken from the dot-product formula if its round-off bound
 # sqrt(d) * eps64 * (||x||^2 + ||y||^2) is below this fraction of it, else from coordinate differences.
@@ -91,7 +94,7 @@ def as_points(X: ArrayLike, *, min_points: int, who: str) -> torch.Tensor:
     t = t.to(compute_dtype(t.device, t.dtype))
     # A sum is NaN/inf whenever any term is, so one reduction (no n x d bool mask) clears the common case;
     # only a non-finite sum (which may also be a harmless overflow) needs the element-wise check. Summed in
-    # X's own dtype: a float64 accumulator costs ~25x more on float32 input.
+    # X's own dtype: a float64 accumulator costs far more on float32 input.
     if n and not bool(torch.isfinite(t.sum())):
         finite = torch.isfinite(t)
         if not bool(finite.all()):
@@ -111,8 +114,8 @@ def unique_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if X.device.type == "cpu":
         rows = np.ascontiguousarray((X + 0.0).numpy())
         # Identical rows have identical bit patterns and so equal integer sums of them (exact in any order);
-        # only rows whose sums collide are compared as raw bytes (~7x faster than torch.unique(dim=0)'s
-        # lexicographic sort, and the sums spare it on clouds without duplicates: ~3x faster again).
+        # only rows whose sums collide are compared as raw bytes (cheaper than torch.unique(dim=0)'s
+        # lexicographic sort of every row, and on clouds without duplicates the sums spare it altogether).
         bits = rows.view({4: np.int32, 8: np.int64}.get(rows.itemsize, np.int8))
         _, inverse, counts = np.unique(bits.sum(axis=1, dtype=np.int64), return_inverse=True, return_counts=True)
         suspects = np.flatnonzero(counts[inverse] > 1)
@@ -142,7 +145,7 @@ class _RunningTopK:
     threshold, is tightened to the current k-th smallest value. Between compactions tau is stale (too
     large), which only lets a few more candidates through: the result is exact either way. This replaces a
     topk-merge per block and per point by a scatter of the few new candidates. A small pool keeps tau
-    tight and a large one compacts less often; 3k was the fastest of 2k..8k on 5 000 x 768.
+    tight and a large one compacts less often; 3k (``_POOL_FACTOR``) was the fastest of 2k..8k tried.
     """
 
     def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -221,7 +224,7 @@ class _RunningTopK:
         # Dense path: while a target has fewer than k candidates (its first block) or when tau is poor (data
         # ordered so that neighbours come late) most entries pass, and one topk over the block is cheaper.
         if flat is None or flat.numel() * 4 > G.numel():
-            Gt = G.T.contiguous() if columns else G  # topk along contiguous rows is ~1.5x faster
+            Gt = G.T.contiguous() if columns else G  # topk along contiguous rows is faster
             vals, pos = torch.topk(Gt, min(self.k, Gt.shape[1]), dim=1, largest=False, sorted=False)
             self._merge(slice(t0, t0 + n_t), vals, pos + s0)
             return
@@ -267,21 +270,21 @@ def _search(
 
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the True entries of a contiguous mask (numpy's SIMD nonzero is ~3x faster on CPU)."""
+    """Flat indices of the True entries of a contiguous mask (numpy's SIMD nonzero is faster on CPU)."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return mask.view(-1).nonzero().squeeze(1)
 
 
 def _stable_order(keys: torch.Tensor, bound: int) -> torch.Tensor:
-    """Stable argsort of integer keys in [0, bound) (numpy's radix sort on uint16 keys on CPU, ~3x faster)."""
+    """Stable argsort of integer keys in [0, bound) (numpy's radix sort on uint16 keys, faster on CPU)."""
     if keys.device.type == "cpu" and bound <= 2**16:
         return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
     return torch.argsort(keys, stable=True)
 
 
 def _sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """Squared row norms by one fused reduction (``vecdot`` materialises X * X: ~3x slower on CPU). Off by a
+    """Squared row norms by one fused reduction (``vecdot`` materialises X * X: slower on CPU). Off by a
     few ulp from a plain sum of squares: fine for the search, not for the refinement."""
     return torch.linalg.vector_norm(X, dim=1).square_()
 
@@ -291,8 +294,8 @@ def refined_sq_distances(X: torch.Tensor, idx: torch.Tensor, queries: torch.Tens
     [m, k] table ``idx``."""
     m, k = idx.shape
     n, d = X.shape
-    # One [n, d] float64 allocation: a float64 copy of X (exact for float32 X), centred in place (~1.7x faster
-    # than the mixed-dtype X - centre). Any approximate centre serves (it only has to shrink the norms), so the
+    # One [n, d] float64 allocation: a float64 copy of X (exact for float32 X), centred in place (faster than
+    # the mixed-dtype X - centre). Any approximate centre serves (it only has to shrink the norms), so the
     # mean is taken in X's dtype; a dtype=float64 mean would first materialise a float64 copy of X.
     X64 = X.to(torch.float64, copy=True).sub_(X.mean(dim=0, keepdim=True).to(torch.float64))
     # Plain sums of squares (exact where the data are, e.g. a lattice; a norm's sqrt-then-square is not), in row
@@ -362,7 +365,7 @@ def knn_from_points(
     eps = torch.finfo(Xc.dtype).eps
     del Xc
     val, idx = top.result()
-    # Neighbours in index order: the refinement's gathers then walk X forwards (~1.4x faster), and the
+    # Neighbours in index order: the refinement's gathers then walk X forwards (faster), and the
     # stable sort below breaks exact distance ties by index, as a brute-force argsort does.
     idx, order = torch.sort(idx, dim=1)
     if refine is True:
@@ -404,10 +407,10 @@ def knn_distances(
     refine : bool or float, default True
         True: recompute the k selected distances in float64 (dot products of float64-centred points,
         coordinate differences where those could lose more than ~1e-13 relative; a duplicate's distance is
-        exactly 0); it costs ~10 % of the search. False: return the search's own values (from centred
-        points; ~1e-6 relative on typical float32 clouds, but points much closer to each other than to the
-        centroid can lose every digit). A float r: recompute only the points whose search round-off bound
-        may exceed r relative in a squared distance, keep the search's values elsewhere.
+        exactly 0); it costs a fraction of the search. False: return the search's own values (from centred
+        points; close to float32 round-off on typical float32 clouds, but points much closer to each other
+        than to the centroid can lose every digit). A float r: recompute only the points whose search
+        round-off bound may exceed r relative in a squared distance, keep the search's values elsewhere.
 
     Returns
     -------
@@ -417,13 +420,11 @@ def knn_distances(
         Row indices of the neighbours. Duplicate rows are *not* removed here: a duplicate of a point is
         its neighbour at distance (numerically) 0.
     """
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"knn_distances: k must be a positive integer, got {k!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1
-    ):
-        raise ValueError(f"knn_distances: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    who = "knn_distances"
+    k = check_int(k, "k", 1, who, "a positive integer")
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size", 1, who, "a positive integer or None")
     if not isinstance(refine, bool) and not (isinstance(refine, float) and refine >= 0):
-        raise ValueError(f"knn_distances: refine must be True, False or a relative tolerance >= 0, got {refine!r}")
-    pts = as_points(X, min_points=int(k) + 1, who="knn_distances")
-    return knn_from_points(pts, int(k), None if chunk_size is None else int(chunk_size), refine)
+        raise ValueError(f"{who}: refine must be True, False or a relative tolerance >= 0, got {refine!r}")
+    pts = as_points(X, min_points=k + 1, who=who)
+    return knn_from_points(pts, k, chunk_size, refine)

@@ -14,14 +14,14 @@ eigenvalue decompositions), not per point.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
 
+from analysis.base import Estimator, check_chunk, check_int
 from analysis.knn import ArrayLike, as_points, knn_from_points, refined_sq_distances, unique_rows
 
 # Entries of the per-chunk neighbourhood tensors ([c, k, d] coordinates plus [c, k, k] distances) held at
@@ -31,46 +31,30 @@ _PW_CHUNK_ELEMENTS = 2**21
 # Relative round-off tolerated in a squared kNN distance by the online estimates (twonn_mle): both use
 # log distance ratios, so this moves them by at most ~1e-5 x the dimension, far inside the estimators' own
 # statistical error, while only the few points whose float32 search value could be worse are recomputed in
-# float64 (see knn_from_points; ~7 % of the points of a 5 000 x 768 hidden-state-like cloud).
+# float64 (see knn_from_points; benchmarks/results/README.md, "TwoNN + MLE from one kNN search", gives how
+# many on a 5 000 x 768 cloud).
 _ONLINE_RTOL = 1e-5
 
 
-class _Estimator:
-    """Minimal scikit-learn estimator protocol: constructor only stores parameters."""
+def _distinct_points(X: ArrayLike, needed: int, what: str, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate X, drop its exact duplicate rows (module docstring) and require ``needed`` distinct points.
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
-
-    def set_params(self, **params: Any) -> Self:
-        valid = self.get_params()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"{type(self).__name__}: unknown parameter {name!r}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
-
-def _check_int(value: Any, name: str, minimum: int, who: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_chunk(value: Any, who: str) -> int | None:
-    return None if value is None else _check_int(value, "chunk_size", 1, who)
-
-
-def _require_distinct(who: str, n_distinct: int, n_rows: int, needed: int, what: str) -> None:
+    Returns the distinct points and their row indices in X; ``what`` says in the error what they are for.
+    """
+    pts = as_points(X, min_points=needed, who=who)
+    uniq, kept = unique_rows(pts)
+    n_distinct, n_rows = uniq.shape[0], pts.shape[0]
     if n_distinct < needed:
         dup = f" ({n_rows} rows before removing exact duplicates)" if n_rows != n_distinct else ""
         raise ValueError(
             f"{who}: X has {n_distinct} distinct points{dup}, but {needed} distinct points are needed ({what})"
         )
+    return uniq, kept
+
+
+def _neighbourhood_points(X: ArrayLike, k: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_distinct_points` for estimates on each point's k nearest neighbours (k + 1 points needed)."""
+    return _distinct_points(X, k + 1, f"n_neighbors={k} plus the point itself", who)
 
 
 def _warn_nonfinite(values: torch.Tensor, who: str, why: str) -> None:
@@ -119,7 +103,7 @@ def _pointwise_twonn(X: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, dis
     list ``idx[j]`` holds its k nearest points overall, so the first two of them that lie in N_i are exactly
     those two (a closer member of N_i would come earlier in the list). That turns n small k x k distance
     problems into membership lookups; only the rare j whose list holds fewer than two members of N_i
-    (~0.2 % on hidden-state-like clouds) has its distances to N_i computed (in float64, sampled matmul).
+    has its distances to N_i computed (in float64, sampled matmul).
     """
     n, k = idx.shape
     r1 = torch.empty(n, k, dtype=torch.float64, device=X.device)
@@ -132,7 +116,7 @@ def _pointwise_twonn(X: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, dis
         member = torch.zeros(stop - start, n, dtype=torch.uint8, device=X.device)
         member.scatter_(1, nb, 1)
         hits = member.gather(1, idx[nb].view(stop - start, k * k)).view(-1, k, k)  # is idx[j][m] in N_i?
-        # max returns the first maximal index (documented); on uint8 rows it is ~2x faster than argmax.
+        # max returns the first maximal index (documented); on uint8 rows it is faster than argmax.
         first = hits.max(dim=2, keepdim=True).indices  # the first hit along j's sorted list
         second = hits.scatter_(2, first, 0).max(dim=2, keepdim=True).indices
         r1[start:stop] = flat_dist[nb * k + first.squeeze(2)]
@@ -157,7 +141,7 @@ def _twonn_from_knn(dist: torch.Tensor, discard_fraction: float, who: str) -> fl
     return float(_twonn_slope(log_mu[None, :], discard_fraction)[0])
 
 
-class TwoNN(_Estimator):
+class TwoNN(Estimator):
     """TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7:12140).
 
     For every point the ratio mu = r2 / r1 of its second to first nearest-neighbour distance is
@@ -215,11 +199,9 @@ class TwoNN(_Estimator):
         """Estimate the global intrinsic dimension of the point cloud X [n_points, n_features]."""
         who = "TwoNN.fit"
         f = self._checked_fraction(who)
-        chunk = _check_chunk(self.chunk_size, who)
+        chunk = check_chunk(self.chunk_size, who)
         need = _twonn_min_points(f)
-        pts = as_points(X, min_points=need, who=who)
-        uniq, _ = unique_rows(pts)
-        _require_distinct(who, uniq.shape[0], pts.shape[0], need, f"TwoNN with discard_fraction={f}")
+        uniq, _ = _distinct_points(X, need, f"TwoNN with discard_fraction={f}", who)
         dist, _ = knn_from_points(uniq, 2, chunk)
         self.dimension_ = _twonn_from_knn(dist, f, who)
         self.n_points_used_ = int(uniq.shape[0])
@@ -233,11 +215,9 @@ class TwoNN(_Estimator):
         """
         who = "TwoNN.fit_pw"
         f = self._checked_fraction(who)
-        chunk = _check_chunk(self.chunk_size, who)
-        k = _check_int(n_neighbors, "n_neighbors", _twonn_min_points(f), who)
-        pts = as_points(X, min_points=k + 1, who=who)
-        uniq, kept = unique_rows(pts)
-        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        chunk = check_chunk(self.chunk_size, who)
+        k = check_int(n_neighbors, "n_neighbors", _twonn_min_points(f), who)
+        uniq, kept = _neighbourhood_points(X, k, who)
         dist, idx = knn_from_points(uniq, k, chunk)
         dim = _pointwise_twonn(uniq, dist, idx, f)
         _warn_nonfinite(dim, who, "a nearest-neighbour distance inside a neighbourhood rounds to 0")
@@ -265,7 +245,7 @@ def _mle_global(inverse_local: torch.Tensor, who: str) -> float:
     return float(1.0 / inverse_local.mean())
 
 
-class MLE(_Estimator):
+class MLE(Estimator):
     """Maximum-likelihood intrinsic dimension (Levina & Bickel 2004, NeurIPS), MacKay–Ghahramani averaging.
 
     Local estimate at x from the distances T_1(x) <= ... <= T_k(x) to its k nearest neighbours (the point
@@ -319,11 +299,9 @@ class MLE(_Estimator):
 
     def _inverse_local(self, X: ArrayLike, k: Any, who: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """1 / m_k(x) for every distinct point; returns (inverse estimates, kept rows, distinct count)."""
-        chunk = _check_chunk(self.chunk_size, who)
-        k = _check_int(k, "n_neighbors", 3 if self.unbiased else 2, who)
-        pts = as_points(X, min_points=k + 1, who=who)
-        uniq, kept = unique_rows(pts)
-        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        chunk = check_chunk(self.chunk_size, who)
+        k = check_int(k, "n_neighbors", 3 if self.unbiased else 2, who)
+        uniq, kept = _neighbourhood_points(X, k, who)
         dist, _ = knn_from_points(uniq, k, chunk)
         inv = _mle_inverse_local(dist, self.unbiased)
         self.n_neighbors_ = k
@@ -410,7 +388,7 @@ def _pointwise_lpca(
     return out
 
 
-class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
+class lPCA(Estimator):  # noqa: N801 -- the name skdim and the literature use
     """PCA intrinsic dimension: how many principal components a cloud (or each neighbourhood) needs.
 
     Global or local PCA dimension (Fukunaga & Olsen 1971, IEEE Trans. Comput. C-20:176; local use as in
@@ -501,9 +479,7 @@ class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
         """Global PCA dimension of the distinct points of X [n_points, n_features]."""
         who = "lPCA.fit"
         ver, alpha = self._checked_rule(who)
-        pts = as_points(X, min_points=2, who=who)
-        uniq, _ = unique_rows(pts)
-        _require_distinct(who, uniq.shape[0], pts.shape[0], 2, "PCA needs a non-zero spread")
+        uniq, _ = _distinct_points(X, 2, "PCA needs a non-zero spread", who)
         ev = _spectrum(uniq, bool(self.center))
         self.dimension_ = int(_lpca_rule(ev[None, :], ver, alpha)[0])
         self.eigenvalues_ = ev.cpu().numpy()
@@ -518,11 +494,9 @@ class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
         """
         who = "lPCA.fit_pw"
         ver, alpha = self._checked_rule(who)
-        chunk = _check_chunk(self.chunk_size, who)
-        k = _check_int(n_neighbors, "n_neighbors", 2, who)
-        pts = as_points(X, min_points=k + 1, who=who)
-        uniq, kept = unique_rows(pts)
-        _require_distinct(who, uniq.shape[0], pts.shape[0], k + 1, f"n_neighbors={k} plus the point itself")
+        chunk = check_chunk(self.chunk_size, who)
+        k = check_int(n_neighbors, "n_neighbors", 2, who)
+        uniq, kept = _neighbourhood_points(X, k, who)
         _, idx = knn_from_points(uniq, k, chunk)
         self.dimension_pw_ = _pointwise_lpca(uniq, idx, bool(self.center), ver, alpha, chunk).cpu().numpy()
         self.pw_index_ = kept.cpu().numpy()
@@ -537,15 +511,16 @@ class lPCA(_Estimator):  # noqa: N801 -- the name skdim and the literature use
 def twonn_mle(X: ArrayLike, n_neighbors: int = 20, discard_fraction: float = 0.1) -> tuple[float, float]:
     """Global TwoNN and MLE from one deduplication and one kNN search: the online path of a training loop.
 
-    Returns ``(TwoNN(discard_fraction).fit(X).dimension_, MLE(n_neighbors).fit(X).dimension_)`` at about
-    half their combined cost (the k = n_neighbors search also gives TwoNN's r1 and r2), to ~1e-5 x the
-    dimension: squared distances are only recomputed in float64 where the float32 search could be off by
-    more than ``_ONLINE_RTOL`` relative (the estimators fitted alone recompute every one). An estimate
+    Returns ``(TwoNN(discard_fraction).fit(X).dimension_, MLE(n_neighbors).fit(X).dimension_)`` for one
+    search instead of two (the k = n_neighbors search also gives TwoNN's r1 and r2; timings in
+    benchmarks/results/geometry.md, "Global TwoNN and MLE"), to ~1e-5 x the dimension: squared distances
+    are only recomputed in float64 where the float32 search could be off by more than ``_ONLINE_RTOL``
+    relative (the estimators fitted alone recompute every one). An estimate
     that needs more distinct points than X has is NaN instead of an error, so a layer with a tiny
     vocabulary does not stop the other estimate.
     """
     who = "twonn_mle"
-    k = _check_int(n_neighbors, "n_neighbors", 2, who)
+    k = check_int(n_neighbors, "n_neighbors", 2, who)
     need_twonn = _twonn_min_points(discard_fraction)
     pts = as_points(X, min_points=1, who=who)
     uniq, _ = unique_rows(pts)

@@ -8,7 +8,8 @@ import numpy as np
 
 
 def first_step_at_least(steps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
-    """First step whose value is >= threshold (e.g. test accuracy 0.5: the grokking step); None if never."""
+    """First step whose value is >= threshold (e.g. test accuracy ``analysis.forecast.GROKKED_ACC``: the
+    grokking step); None if never."""
     for step, value in zip(steps, values, strict=True):
         if value >= threshold:
             return int(step)

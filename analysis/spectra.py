@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.base import Estimator, check_int
 from analysis.knn import ArrayLike, as_points
-from analysis.lid import _check_int, _Estimator, _spectrum
+from analysis.lid import _spectrum
 
 
-class EffectiveRank(_Estimator):
+class EffectiveRank(Estimator):
     """RankMe effective rank (Garrido, Balestriero, Najman & LeCun 2023, ICML, Eq. 1).
 
     With singular values sigma_1..sigma_r of the embedding matrix X [n_points, n_features]::
@@ -83,7 +84,7 @@ def _covariance_eigenvalues(X: ArrayLike, who: str) -> tuple[torch.Tensor, int, 
     return ev, pts.shape[0], pts.shape[1]
 
 
-class ParticipationRatio(_Estimator):
+class ParticipationRatio(Estimator):
     """Participation ratio of the covariance spectrum (Gao, Trautmann, Yu, ... & Ganguli 2017, bioRxiv 214262).
 
     With the eigenvalues lambda_i of the covariance of the centred X::
@@ -115,7 +116,7 @@ class ParticipationRatio(_Estimator):
         return self
 
 
-class AlphaReQ(_Estimator):
+class AlphaReQ(Estimator):
     """Eigenspectrum decay exponent alpha (Agrawal, Mondal, Ghosh & Richards 2022, NeurIPS, "alpha-ReQ").
 
     The covariance eigenvalues of a representation are modelled as a power law lambda_i ~ c * i^(-alpha)
@@ -170,8 +171,8 @@ class AlphaReQ(_Estimator):
     def fit(self, X: ArrayLike, y: Any = None) -> AlphaReQ:
         """Fit the power law to the covariance eigenspectrum of X [n_points, n_features]."""
         who = "AlphaReQ.fit"
-        first = _check_int(self.first_rank, "first_rank", 1, who)
-        last = None if self.last_rank is None else _check_int(self.last_rank, "last_rank", first + 1, who)
+        first = check_int(self.first_rank, "first_rank", 1, who)
+        last = None if self.last_rank is None else check_int(self.last_rank, "last_rank", first + 1, who)
         ev, n, d = _covariance_eigenvalues(X, who)
         tol = float(ev[0]) * max(n, d) * float(np.finfo(np.float64).eps)
         rank = int((ev > tol).sum())

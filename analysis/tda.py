@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.base import Estimator, check_int
 from analysis.knn import ArrayLike, as_points
 
 # Points re-evaluated per round of the lazy max-min search: large enough that one round usually settles a
@@ -50,10 +51,9 @@ def maxmin_landmarks(X: ArrayLike, n_landmarks: int, seed: int = 0) -> np.ndarra
     remaining landmarks are duplicates, chosen by lowest index.
     """
     who = "maxmin_landmarks"
-    if isinstance(n_landmarks, bool) or not isinstance(n_landmarks, int | np.integer) or n_landmarks < 1:
-        raise ValueError(f"{who}: n_landmarks must be a positive integer, got {n_landmarks!r}")
+    m = check_int(n_landmarks, "n_landmarks", 1, who, "a positive integer")
     pts = as_points(X, min_points=1, who=who)
-    return _maxmin(pts, int(n_landmarks), seed).cpu().numpy()
+    return _maxmin(pts, m, seed).cpu().numpy()
 
 
 def _maxmin(pts: torch.Tensor, m: int, seed: int) -> torch.Tensor:
@@ -121,7 +121,7 @@ def _persistent_entropy(lifetimes: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-class PersistentHomology:
+class PersistentHomology(Estimator):
     """Vietoris–Rips persistent homology (H0, H1) of a point cloud on max-min landmarks, via ripser.
 
     ``fit(X)`` selects ``n_landmarks`` max-min landmarks (:func:`maxmin_landmarks`, seeded), computes their
@@ -146,7 +146,8 @@ class PersistentHomology:
     Parameters
     ----------
     n_landmarks : int
-        Landmarks (>= 2). ripser's cost grows quickly with it; 500 keeps H1 well under a second.
+        Landmarks (>= 2). ripser's cost grows quickly with it; benchmarks/results/geometry.md ("Persistent
+        homology") has the time with 500.
     maxdim : int
         Highest homology dimension (0 or 1). With 0 the H1 features are 0.
     h1_threshold : float, optional
@@ -179,34 +180,19 @@ class PersistentHomology:
         self.h1_threshold = h1_threshold
         self.seed = seed
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("n_landmarks", "maxdim", "h1_threshold", "seed")}
-
-    def set_params(self, **params: Any) -> PersistentHomology:
-        for name, value in params.items():
-            if name not in self.get_params():
-                raise ValueError(f"PersistentHomology: unknown parameter {name!r}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        return "PersistentHomology(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
-
     def fit(self, X: ArrayLike, y: Any = None) -> PersistentHomology:
         """Select landmarks of X [n_points, n_features], compute their diagrams and features."""
         from ripser import ripser  # imported here: only this estimator needs it
 
         who = "PersistentHomology.fit"
-        m = self.n_landmarks
-        if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 2:
-            raise ValueError(f"{who}: n_landmarks must be an integer >= 2, got {m!r}")
+        m = check_int(self.n_landmarks, "n_landmarks", 2, who)
         if self.maxdim not in (0, 1):
             raise ValueError(f"{who}: maxdim must be 0 or 1, got {self.maxdim!r}")
         thr = self.h1_threshold
         if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float) or not thr >= 0):
             raise ValueError(f"{who}: h1_threshold must be None or a float >= 0, got {thr!r}")
         pts = as_points(X, min_points=2, who=who)
-        landmarks = _maxmin(pts, int(m), int(self.seed))
+        landmarks = _maxmin(pts, m, int(self.seed))
         L = pts[landmarks].to(torch.float64)
         L = L - L.mean(dim=0, keepdim=True)
         sqL = L.square().sum(dim=1)

@@ -293,6 +293,20 @@ def test_constructors_only_store_parameters_and_fit_validates_them():
         MLE().set_params(k=3)
 
 
+def test_every_estimator_shares_the_one_base_class():
+    from analysis import Estimator, PersistentHomology
+
+    for cls in (TwoNN, MLE, lPCA, EffectiveRank, ParticipationRatio, AlphaReQ, PersistentHomology):
+        est = cls()
+        assert isinstance(est, Estimator)
+        assert type(est)(**est.get_params()).get_params() == est.get_params()  # an unfitted copy
+        assert repr(est).startswith(f"{cls.__name__}(")
+    assert ParticipationRatio().get_params() == {}
+    assert repr(PersistentHomology(n_landmarks=30)) == (
+        "PersistentHomology(n_landmarks=30, maxdim=1, h1_threshold=None, seed=0)"
+    )
+
+
 def test_float16_input_is_computed_in_float64():
     X = _gaussian(800, 4, 32, seed=16)
     X16 = X.astype(np.float16)
