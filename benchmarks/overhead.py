@@ -32,7 +32,7 @@ def timed_train(config, tracked: bool, tmp: Path) -> tuple[float, float]:
     """Wall seconds of one training run, and of that the seconds spent in tracking calls."""
     import torch
 
-    from pipelines.grokking.stage import build_model, make_dataset, make_probe_set, train
+    from pipelines.grokking.stage import LoopHooks, build_model, make_dataset, make_probe_set, train
     from workbench.instrument import Instrument
     from workbench.tracking import Tracker
 
@@ -44,21 +44,25 @@ def timed_train(config, tracked: bool, tmp: Path) -> tuple[float, float]:
         tracker = Tracker.start(f"sqlite:///{tmp / 'mlflow.db'}", "overhead")
         instrument = Instrument(config.snapshot, make_probe_set(data, config.snapshot.probes, config.seed), tracker)
 
-        def timed(call):
-            def wrapper(*args):
+        class timed:  # noqa: N801 - used like a decorator: timed(call) is call, its time counted
+            def __init__(self, call):
+                self.call = call
+
+            def __call__(self, *args):
                 start = time.perf_counter()
                 try:
-                    return call(*args)
+                    return self.call(*args)
                 finally:
                     inside[0] += time.perf_counter() - start
 
-            return wrapper
+            def __getattr__(self, name):  # the instrument's `due`, asked by the loop
+                return getattr(self.call, name)
 
         log, hook = timed(tracker.log_metrics), timed(instrument)
     else:
         tracker, log, hook = None, (lambda metrics, step: None), None
     start = time.perf_counter()
-    train(config, model, data, log, hook, "cpu")
+    train(config, model, data, "cpu", LoopHooks(log, hook))
     if tracker is not None:
         timed(tracker.finish)()  # the final flush is part of the cost
     return time.perf_counter() - start, inside[0]

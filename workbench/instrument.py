@@ -1,7 +1,8 @@
 """Instrumentation any training loop can call: probe snapshots and online geometry every N steps.
 
-`Instrument(model, step)` knows nothing about the stage: it takes a model that accepts
-`output_hidden_states=True` (any `transformers` model), the run's probe set and the step.
+`Instrument(snapshot_config, probe_set, tracker)` knows nothing about the stage; called as
+`instrument(model, step)` with a model that accepts `output_hidden_states=True` (any `transformers` model), it
+snapshots the probe set and logs geometry when `due(step)`.
 """
 
 from __future__ import annotations

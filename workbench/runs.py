@@ -145,8 +145,8 @@ def bulk_metric_histories(
 
     On a SQL store (the embedded sqlite, or a database the CLI points at) one query reads every value; elsewhere
     (an MLflow server), or where that query fails, it is one `get_metric_history` call per run and key.
-    Measured for the app's Geometry page (20 runs x 12 layers x 200 snapshots, sqlite, loaded 2-core machine):
-    0.3 s against 5.9 s call by call. Tests check that both paths give the same histories.
+    The app's Geometry page reads this way (its render time: `benchmarks/app_render.py`); tests check that both
+    paths give the same histories.
     """
     client, _ = open_store(tracking_uri)
     found = _sql_metric_histories(client, list(run_ids), prefix)

@@ -4,8 +4,7 @@ A tiny `transformers` decoder reads `a b =` and predicts `a ∘ b mod p` at the 
 full-batch with AdamW and strong weight decay on a fraction of all pairs, it first memorises the train
 split (train acc ~1, test acc low) and only much later generalises: test accuracy jumps. The model is a
 library model built from config, so its hidden states come out of the same `output_hidden_states` path
-every other stage uses (measured: ~1.5x slower per step than a hand-written block, under the 2x at which
-we would write our own).
+every other stage uses (its cost against a hand-written block: docs/architecture.md, "Model").
 """
 
 from __future__ import annotations
@@ -140,6 +139,11 @@ class History:
     stopped_at: int | None = None  # the step a policy (or a stop request) ended the run at
     stop_reason: str | None = None
 
+    def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.eval_steps.append(step)
+        self.train_acc.append(metrics["train/acc"])
+        self.eval_acc.append(metrics["eval/acc"])
+
     def extended(self, later: History) -> History:
         """This history followed by a later one (a resumed run's)."""
         keys = sorted(self.geometry.keys() | later.geometry.keys())
@@ -159,32 +163,38 @@ def _history_before(resume: Resumption) -> History:
     history = History([], [], [], {})
     for step, metrics in resume.before_checkpoint().items():
         if "train/acc" in metrics and "eval/acc" in metrics:
-            history.eval_steps.append(step)
-            history.train_acc.append(metrics["train/acc"])
-            history.eval_acc.append(metrics["eval/acc"])
+            history.record_eval(step, metrics)
         for key, value in metrics.items():
             if key.startswith("geom/"):
                 history.geometry.setdefault(key.removeprefix("geom/"), []).append((step, value))
     return history
 
 
+@dataclass
+class LoopHooks:
+    """What the loop reports to and asks, besides the model and data.
+
+    `log(metrics, step)` records metrics; `instrument` snapshots and logs geometry when due; `engine` sees every
+    logged step's metrics and decides; `save_model(step)` keeps a model checkpoint when the engine asks for one;
+    `state_checkpoints` saves the whole training state for `workbench resume`.
+    """
+
+    log: Callable[[Mapping[str, float], int], None]
+    instrument: Instrument | None = None
+    engine: PolicyEngine | None = None
+    save_model: Callable[[int], None] | None = None
+    state_checkpoints: PeriodicCheckpoints | None = None
+
+
 def train(
-    config: GrokkingStageConfig,
-    model: torch.nn.Module,
-    data: ModularData,
-    log: Callable[[Mapping[str, float], int], None],
-    instrument: Instrument | None,
-    device: str,
-    engine: PolicyEngine | None = None,
-    save_model: Callable[[int], None] | None = None,
-    state_checkpoints: PeriodicCheckpoints | None = None,
+    config: GrokkingStageConfig, model: torch.nn.Module, data: ModularData, device: str, hooks: LoopHooks
 ) -> History:
     """Full-batch AdamW; the model at step s has had s updates, and every metric at s describes it.
 
-    `engine` sees every logged step's metrics; when it says so, `save_model(step)` saves the model, and a stop
-    ends the loop at that step, after its metrics are logged, as if it were the last step. `state_checkpoints` saves
-    the whole training state (at step s: after s updates, before step s is logged) every so often and on
-    SIGINT/SIGTERM, which then end the run; a resumed loop starts at the checkpoint's step.
+    When the engine says so the model is saved, and a stop ends the loop at that step, after its metrics are
+    logged, as if it were the last step. The training state (at step s: after s updates, before step s is
+    logged) is saved every so often and on SIGINT/SIGTERM, which then end the run; a resumed loop starts at the
+    checkpoint's step.
 
     Under a multi-process launch `model` is DDP-wrapped and each rank trains on every world-th train pair;
     rank 0's engine decides for all ranks, and snapshots and test metrics come from the unwrapped model.
@@ -198,6 +208,7 @@ def train(
     )
     warmup = config.optim.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    state_checkpoints, instrument, engine = hooks.state_checkpoints, hooks.instrument, hooks.engine
     start = state_checkpoints.restore(core, opt, schedule) if state_checkpoints is not None else 0
     x_train, y_train = data.inputs[data.train_ids].to(device), data.targets[data.train_ids].to(device)
     # Scaling a rank's mean loss by its share of the batch times the number of ranks makes DDP's gradient
@@ -213,10 +224,8 @@ def train(
         loss_sum, correct = all_reduce_sum(loss.item() * len(y_shard), (logits.argmax(-1) == y_shard).sum().item())
         train = {"train/loss": loss_sum / len(y_train), "train/acc": correct / len(y_train)}
         metrics = {**train, **_evaluate(core, x_test, y_test), "lr": schedule.get_last_lr()[0]}
-        log(metrics, step)
-        history.eval_steps.append(step)
-        history.train_acc.append(metrics["train/acc"])
-        history.eval_acc.append(metrics["eval/acc"])
+        hooks.log(metrics, step)
+        history.record_eval(step, metrics)
         bar.set_postfix(
             train_acc=f"{metrics['train/acc']:.3f}",
             test_acc=f"{metrics['eval/acc']:.3f}",
@@ -227,12 +236,7 @@ def train(
 
     for step in range(start, config.train.max_steps + 1):
         if state_checkpoints is not None:
-            stop_signal = pending_stop_signal()
-            if stop_signal is not None or state_checkpoints.due(step):
-                state_checkpoints.save(step, core, opt, schedule)
-            if stop_signal is not None:
-                bar.close()
-                raise KeyboardInterrupt(f"{stop_signal}: checkpointed at step {step}")
+            _save_state_if_due(state_checkpoints, step, (core, opt, schedule), bar)
         logits = model(input_ids=x_shard, logits_to_keep=1).logits[:, -1]
         loss = F.cross_entropy(logits, y_shard)
         geometry = instrument(core, step) if instrument is not None else {}  # before the bar: it shows this LID
@@ -246,8 +250,8 @@ def train(
             decision = engine.observe(step, {**geometry, **metrics}, snapshot=snapshot)
             save, stop, history.stop_reason = decision.checkpoint, decision.stop, decision.reason
         save, stop = broadcast_flags(save, stop)  # rank 0 decides for every rank: they stop at the same step
-        if save and save_model is not None:
-            save_model(step)
+        if save and hooks.save_model is not None:
+            hooks.save_model(step)
         if stop:
             if not metrics:  # the final metrics describe the model the run ends with
                 evaluate(step, logits, loss)
@@ -262,6 +266,16 @@ def train(
         bar.update()
     bar.close()
     return history
+
+
+def _save_state_if_due(checkpoints: PeriodicCheckpoints, step: int, state: tuple, bar: tqdm) -> None:
+    """The training state at `step` when a save is due or a SIGINT/SIGTERM arrived; the signal then ends the run."""
+    stop_signal = pending_stop_signal()
+    if stop_signal is not None or checkpoints.due(step):
+        checkpoints.save(step, *state)
+    if stop_signal is not None:
+        bar.close()
+        raise KeyboardInterrupt(f"{stop_signal}: checkpointed at step {step}")
 
 
 def _evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> dict[str, float]:
@@ -352,9 +366,8 @@ def run(config: GrokkingStageConfig, tracker: Tracker, resume: Resumption | None
         resume.replay(engine)
         if instrument is not None:
             instrument.restore(resume.checkpoint.extra["instrument"])
-    history = train(
-        config, trained, data, tracker.log_metrics, instrument, device, engine, save_model, state_checkpoints
-    )
+    hooks = LoopHooks(tracker.log_metrics, instrument, engine, save_model, state_checkpoints)
+    history = train(config, trained, data, device, hooks)
     if resume is not None:
         history = _history_before(resume).extended(history)
     engine.finish()

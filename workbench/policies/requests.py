@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 ATTACH_MAX_CHARS = 5000  # tag values: 8 000 characters in MLflow 3, 5 000 before; longer ones are truncated
-STOP_POLL_SECONDS = 2.0  # three get_run a poll (stop, checkpoint, attach): ~5 ms each on sqlite, a request on a server
+STOP_POLL_SECONDS = 2.0  # a poll is three get_run (stop, checkpoint, attach): cheap on sqlite, requests on a server
 
 
 def request_stop(run_id: str, tracking_uri: str | None = None) -> str:
