@@ -196,8 +196,25 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_tracking_uri(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+def _verb(
+    verbs: argparse._SubParsersAction,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str | None = None,
+    run_id: bool = False,
+) -> argparse.ArgumentParser:
+    """A verb of the CLI: its parser, with `RUN_ID` first where it acts on one run; every verb but `run` reads a
+    store and takes `--tracking-uri`."""
+    parser = verbs.add_parser(name, help=help, description=description)
+    if run_id:
+        parser.add_argument("run_id", metavar="RUN_ID")
+    if name != "run":
+        parser.add_argument(
+            "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+        )
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tracked LLM training runs that watch the geometry of hidden states.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    policy_help = "YAML list of rules (docs/policies.md)"
 
-    run = verbs.add_parser(
+    run = _verb(
+        verbs,
         "run",
-        help="train a stage from a YAML config, tracked in MLflow",
-        description="Train a stage from a YAML config; key.sub=value arguments override config keys.",
+        cmd_run,
+        "train a stage from a YAML config, tracked in MLflow",
+        "Train a stage from a YAML config; key.sub=value arguments override config keys.",
     )
     run.add_argument("config", type=Path, help="YAML config, e.g. configs/grokking.yaml")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. train.max_steps=500 task.p=59")
@@ -222,82 +242,79 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="early-stop policy (YAML list of rules) added to the config's; repeatable; docs/policies.md",
     )
-    run.set_defaults(handler=cmd_run)
 
-    analyze = verbs.add_parser(
+    analyze = _verb(
+        verbs,
         "analyze",
-        help="compute geometry features over every snapshot of a run and log them to it",
-        description="Compute geometry features over every stored snapshot of a run and log them to the same "
+        cmd_analyze,
+        "compute geometry features over every snapshot of a run and log them to it",
+        "Compute geometry features over every stored snapshot of a run and log them to the same "
         "run as geom/<feature>/layer_<i>. Idempotent and resumable; works on a run that is still training.",
+        run_id=True,
     )
-    analyze.add_argument("run_id", metavar="RUN_ID")
     analyze.add_argument(
         "--features",
         default=",".join(FEATURE_METRICS),
         help=f"comma-separated, some of: {', '.join(FEATURE_METRICS)} (default: all)",
     )
     analyze.add_argument("--layers", default=None, help="comma-separated layer names or indices (default: all)")
-    _add_tracking_uri(analyze)
-    analyze.set_defaults(handler=cmd_analyze)
 
-    ls = verbs.add_parser("ls", help="list recent runs with status and key metrics")
-    _add_tracking_uri(ls)
+    ls = _verb(verbs, "ls", cmd_ls, "list recent runs with status and key metrics")
     ls.add_argument("--experiment", default=None, help="only this experiment")
     ls.add_argument("--limit", type=int, default=20, help="at most this many runs (default 20)")
-    ls.set_defaults(handler=cmd_ls)
 
-    backtest = verbs.add_parser(
+    backtest = _verb(
+        verbs,
         "backtest",
-        help="replay a policy over logged runs: where each would have stopped, and what it would have cost",
-        description="Replay a policy over the logged metric histories of runs (nothing is logged to them): the "
+        cmd_backtest,
+        "replay a policy over logged runs: where each would have stopped, and what it would have cost",
+        "Replay a policy over the logged metric histories of runs (nothing is logged to them): the "
         "step each run would have stopped at, the share of its step budget saved, the watched metric at the stop "
         "against its best and final values, and everything the policy fired.",
     )
-    backtest.add_argument("policy", type=Path, metavar="POLICY", help="YAML list of rules (docs/policies.md)")
+    backtest.add_argument("policy", type=Path, metavar="POLICY", help=policy_help)
     backtest.add_argument("run_ids", nargs="*", metavar="RUN_ID")
     backtest.add_argument("--experiment", default=None, help="also every run of this experiment")
-    _add_tracking_uri(backtest)
-    backtest.set_defaults(handler=cmd_backtest)
 
-    stop = verbs.add_parser(
+    _verb(
+        verbs,
         "stop",
-        help="ask a running run to checkpoint and stop at its next step boundary",
-        description="Set the run's workbench.stop_requested tag; the run polls for it, checkpoints and ends "
+        cmd_stop,
+        "ask a running run to checkpoint and stop at its next step boundary",
+        "Set the run's workbench.stop_requested tag; the run polls for it, checkpoints and ends "
         "cleanly (KILLED, workbench.stop_reason 'stop requested').",
+        run_id=True,
     )
-    stop.add_argument("run_id", metavar="RUN_ID")
-    _add_tracking_uri(stop)
-    stop.set_defaults(handler=cmd_stop)
-
-    attach = verbs.add_parser(
+    attach = _verb(
+        verbs,
         "attach",
-        help="attach a policy to a running run: it takes the rules at its next poll",
-        description="Validate a policy and attach it to a RUNNING run (the tag workbench.attached_policy, and the "
+        cmd_attach,
+        "attach a policy to a running run: it takes the rules at its next poll",
+        "Validate a policy and attach it to a RUNNING run (the tag workbench.attached_policy, and the "
         "artifact policies/attached_<time>.yaml); the run's engine takes the rules at its next poll, an attached "
         "rule replacing the run's rule of the same name.",
+        run_id=True,
     )
-    attach.add_argument("run_id", metavar="RUN_ID")
-    attach.add_argument("policy", type=Path, metavar="POLICY", help="YAML list of rules (docs/policies.md)")
-    _add_tracking_uri(attach)
-    attach.set_defaults(handler=cmd_attach)
-
-    resume = verbs.add_parser(
+    attach.add_argument("policy", type=Path, metavar="POLICY", help=policy_help)
+    resume = _verb(
+        verbs,
         "resume",
-        help="continue a killed or crashed run from its latest checkpoint, in the same MLflow run",
-        description="Reopen a KILLED or FAILED run (or a RUNNING one whose process is gone), load its latest "
+        cmd_resume,
+        "continue a killed or crashed run from its latest checkpoint, in the same MLflow run",
+        "Reopen a KILLED or FAILED run (or a RUNNING one whose process is gone), load its latest "
         "checkpoint and train on to train.max_steps with the same step numbering; docs/resume.md.",
+        run_id=True,
     )
-    resume.add_argument("run_id", metavar="RUN_ID")
     resume.add_argument(
         "--force", action="store_true", help="take over a RUNNING run whose host cannot be checked from here"
     )
-    _add_tracking_uri(resume)
-    resume.set_defaults(handler=cmd_resume)
-
-    events = verbs.add_parser("events", help="list a run's forecaster events, policy alerts and stops in step order")
-    events.add_argument("run_id", metavar="RUN_ID")
-    _add_tracking_uri(events)
-    events.set_defaults(handler=cmd_events)
+    _verb(
+        verbs,
+        "events",
+        cmd_events,
+        "list a run's forecaster events, policy alerts and stops in step order",
+        run_id=True,
+    )
     return parser
 
 

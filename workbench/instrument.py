@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from workbench import tags
 from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
 from workbench.geometry import compute_geometry
@@ -133,7 +134,7 @@ class Instrument:
             total -= cost
         if moved:
             offline = [f for f in self.config.geometry if f not in self.online]
-            self.tracker.set_tags({"workbench.geometry_offline": ",".join(offline)})
+            self.tracker.set_tags({tags.GEOMETRY_OFFLINE: ",".join(offline)})
             warnings.warn(
                 f"online geometry took {sum(seconds.values()):.2f} s per snapshot, over snapshot.geometry_budget_s="
                 f"{budget:g}; {', '.join(moved)} no longer computed online: "

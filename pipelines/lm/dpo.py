@@ -16,27 +16,16 @@ ones' (measured here: plain DPO past ~200 steps lowers gold accuracy). TRL logs 
 from __future__ import annotations
 
 import copy
-import tempfile
 from typing import TYPE_CHECKING
 
-import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from pipelines.lm import supervised
 from pipelines.lm.config import DPOStageConfig
 from pipelines.lm.data import load_stage_data
-from pipelines.lm.supervised import (
-    held_out_check,
-    instrument_trainer,
-    log_checkpoints,
-    stage_result,
-    starting_model,
-    training_arguments,
-)
-from pipelines.lm.task import ReversalTask
 from workbench import tags
 from workbench.callback import workbench_metric_name
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -44,21 +33,19 @@ if TYPE_CHECKING:
 
 
 def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     train_rows, eval_rows, fmt = load_stage_data(config.data, "dpo", ("preference",), task.preference_rows, config.seed)
-    policy, tokenizer = starting_model(config, tracker)
+    policy, tokenizer = supervised.starting_model(config, tracker)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the starting policy, frozen
     tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     gold = config.data.path is None
 
     def check() -> dict[str, float]:
-        return held_out_check(trainer.model, tokenizer, eval_rows, fmt, gold, config.max_new_tokens)
+        return supervised.held_out_check(trainer.model, tokenizer, eval_rows, fmt, gold, config.max_new_tokens)
 
-    with tempfile.TemporaryDirectory(prefix="workbench-dpo-") as output_dir:
-        args = training_arguments(
+    with supervised.trainer_output(tracker, "dpo") as output_dir:
+        args = supervised.training_arguments(
             DPOConfig,
             config,
             output_dir,
@@ -77,7 +64,7 @@ def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tokenizer,
         )
-        callback = instrument_trainer(trainer, config, tracker)
+        callback = supervised.instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
@@ -86,10 +73,9 @@ def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
         generated = check()
         tracker.log_metrics(generated, trainer.state.global_step)
         after.update(generated)
-        log_checkpoints(output_dir, tracker)
 
     summary = [f"eval loss {after['eval/loss']:.3f}, eval rewards/accuracies {after['eval/rewards/accuracies']:.3f}"]
     for key in ("gold/accuracy", "eval/exact_match"):
         if key in after:
             summary.append(f"{key}: {before[key]:.3f} before DPO -> {after[key]:.3f} after")
-    return stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)
+    return supervised.stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)

@@ -16,23 +16,20 @@ is visible in one row (and to the collapse forecaster).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from pipelines.lm import supervised
 from pipelines.lm.config import GRPOStageConfig
 from pipelines.lm.rl import gold_check, reward_function, start
-from pipelines.lm.supervised import instrument_trainer, log_checkpoints, lora_config, stage_result
 from pipelines.lm.task import ReversalTask
 from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -51,48 +48,37 @@ class GoldCheckCallback(TrainerCallback):
 
 
 def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
     if config.train.batch_size % config.group_size:
         raise WorkbenchError(
             f"train.batch_size: {config.train.batch_size} answers per step is not a multiple of group_size "
             f"{config.group_size}"
         )
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     config, policy, tokenizer, base = start(config, tracker)
     tracker.set_tags({tags.DEVICE: device, tags.REWARD: config.reward.function})
 
-    peft_config = lora_config(config.lora)
+    peft_config = supervised.lora_config(config.lora)
 
-    with tempfile.TemporaryDirectory(prefix="workbench-grpo-") as output_dir:
+    with supervised.trainer_output(tracker, "grpo") as output_dir:
         # TRL builds its frozen reference from the policy's path, so the policy is handed over as one.
         start_dir = Path(output_dir) / "start"
         policy.save_pretrained(start_dir)
         tokenizer.save_pretrained(start_dir)
         reward = reward_function(config, tracker, base, tokenizer, lambda: trainer.model, device)
-        train = config.train
-        args = GRPOConfig(
-            output_dir=output_dir,
-            max_steps=train.max_steps,
-            per_device_train_batch_size=train.batch_size,
+        args = supervised.training_arguments(
+            GRPOConfig,
+            config,
+            output_dir,
+            device,
+            eval_strategy="no",  # the gold check runs at each log instead (GoldCheckCallback)
+            lr_scheduler_type="constant_with_warmup",
             num_generations=config.group_size,
             max_completion_length=config.max_new_tokens,
             temperature=config.temperature,
             beta=config.kl_coef,
             epsilon=config.clip_eps,
             entropy_coef=config.entropy_coef,
-            learning_rate=train.lr,
-            weight_decay=train.weight_decay,
-            warmup_steps=train.warmup_steps,
-            lr_scheduler_type="constant_with_warmup",
-            logging_steps=train.eval_every,
-            save_strategy="no",
-            report_to="none",
-            seed=config.seed,
-            use_cpu=device == "cpu",
-            bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
             gradient_checkpointing=False,
-            dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
             model=str(start_dir),
@@ -103,14 +89,13 @@ def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
             peft_config=peft_config,
             callbacks=[GoldCheckCallback(task, config.max_new_tokens)],
         )
-        callback = instrument_trainer(trainer, config, tracker)
+        callback = supervised.instrument_trainer(trainer, config, tracker)
         before = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
         tracker.log_metrics(before, 0)
         trainer.train()
         after = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
         tracker.log_metrics(after, trainer.state.global_step)
-        log_checkpoints(output_dir, tracker)
 
     model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     summary = [f"{key}: {before[key]:.3f} before GRPO -> {after[key]:.3f} after" for key in sorted(after)]
-    return stage_result(callback, config, tracker, model, tokenizer, after, summary)
+    return supervised.stage_result(callback, config, tracker, model, tokenizer, after, summary)

@@ -33,16 +33,14 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.lm import supervised
 from pipelines.lm.config import PPOStageConfig
 from pipelines.lm.rl import RewardFunction, gold_check, reward_function, start
-from pipelines.lm.supervised import lora_config
-from pipelines.lm.task import ReversalTask
 from workbench import tags
 from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
 from workbench.callback import probe_set_from_rows
 from workbench.instrument import Instrument
 from workbench.policies import PolicyEngine
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -72,16 +70,14 @@ class PolicyWithValueHead(torch.nn.Module):
 
 
 def run(config: PPOStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     config, lm, tokenizer, base = start(config, tracker)
     tracker.set_tags({tags.DEVICE: device, tags.REWARD: config.reward.function})
     reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)  # pi_ref: the starting policy, frozen
     if config.lora.enabled:
         from peft import get_peft_model
 
-        lm = get_peft_model(lm, lora_config(config.lora))
+        lm = get_peft_model(lm, supervised.lora_config(config.lora))
     agent = PolicyWithValueHead(lm).to(device)
     reward = reward_function(config, tracker, base, tokenizer, lambda: agent.lm, device)
     plain_lm = lm.get_base_model() if config.lora.enabled else lm  # the adapted model, its hidden states for snapshots

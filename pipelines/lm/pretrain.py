@@ -8,26 +8,16 @@ At the end the gold check asks the model the task's prompts it has never seen in
 
 from __future__ import annotations
 
-import tempfile
 from typing import TYPE_CHECKING
 
-import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+from pipelines.lm import supervised
 from pipelines.lm.config import PretrainStageConfig
 from pipelines.lm.data import load_stage_data
 from pipelines.lm.models import build_causal_lm, load_pretrained, train_tokenizer
-from pipelines.lm.supervised import (
-    held_out_check,
-    instrument_trainer,
-    log_checkpoints,
-    stage_result,
-    training_arguments,
-)
-from pipelines.lm.task import ReversalTask
 from workbench import tags
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -35,9 +25,7 @@ if TYPE_CHECKING:
 
 
 def run(config: PretrainStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     train_rows, eval_rows, _ = load_stage_data(
         config.data,
         "pretrain",
@@ -58,24 +46,25 @@ def run(config: PretrainStageConfig, tracker: Tracker) -> StageResult:
         encoded = tokenizer(texts, truncation=True, max_length=config.train.max_length)
         return Dataset.from_dict({"input_ids": encoded["input_ids"]})
 
-    with tempfile.TemporaryDirectory(prefix="workbench-pretrain-") as output_dir:
+    with supervised.trainer_output(tracker, "pretrain") as output_dir:
         trainer = Trainer(
             model=model,
-            args=training_arguments(TrainingArguments, config, output_dir, device),
+            args=supervised.training_arguments(TrainingArguments, config, output_dir, device),
             train_dataset=tokenize(train_rows),
             eval_dataset=tokenize(eval_rows),
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),  # labels = inputs, pads ignored
             processing_class=tokenizer,
         )
-        callback = instrument_trainer(trainer, config, tracker)
+        callback = supervised.instrument_trainer(trainer, config, tracker)
         trainer.train()
         metrics = {"eval/loss": trainer.evaluate()["eval_loss"]}
-        log_checkpoints(output_dir, tracker)
 
     summary = [f"eval loss {metrics['eval/loss']:.3f} on {len(eval_rows)} held-out texts"]
     if config.data.path is None:  # the built-in task: ask its held-out prompts
         rows = task.sft_rows("eval")
-        metrics.update(held_out_check(model, tokenizer, rows, "prompt_completion", True, 2 * config.task.length + 2))
+        metrics.update(
+            supervised.held_out_check(model, tokenizer, rows, "prompt_completion", True, 2 * config.task.length + 2)
+        )
         summary.append(f"gold accuracy on held-out prompts: {metrics['gold/accuracy']:.3f}")
     tracker.log_metrics(metrics, trainer.state.global_step)
-    return stage_result(callback, config, tracker, model, tokenizer, metrics, summary)
+    return supervised.stage_result(callback, config, tracker, model, tokenizer, metrics, summary)

@@ -14,7 +14,6 @@ the labeller's ranking (mean over prompts). TRL's own `accuracy` / `margin` are 
 from __future__ import annotations
 
 import itertools
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,18 +21,10 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
+from pipelines.lm import supervised
 from pipelines.lm.config import RewardStageConfig
 from pipelines.lm.data import load_stage_data, ranking_to_pairs
-from pipelines.lm.supervised import (
-    instrument_trainer,
-    log_checkpoints,
-    stage_result,
-    starting_model,
-    training_arguments,
-)
-from pipelines.lm.task import ReversalTask
 from workbench import tags
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -43,23 +34,21 @@ if TYPE_CHECKING:
 
 
 def run(config: RewardStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     train_rows, eval_rows, fmt = load_stage_data(
         config.data, "rm", ("ranking", "preference"), task.ranking_rows, config.seed
     )
     source = config.data.path or "built-in task"
     train_pairs = ranking_to_pairs(train_rows, source) if fmt == "ranking" else train_rows
     eval_pairs = ranking_to_pairs(eval_rows, source) if fmt == "ranking" else eval_rows
-    model, tokenizer = starting_model(config, tracker, head="reward")
+    model, tokenizer = supervised.starting_model(config, tracker, head="reward")
     tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     def check() -> dict[str, float]:
         return ranking_metrics(trainer.model, tokenizer, eval_rows, fmt)
 
-    with tempfile.TemporaryDirectory(prefix="workbench-rm-") as output_dir:
-        args = training_arguments(
+    with supervised.trainer_output(tracker, "rm") as output_dir:
+        args = supervised.training_arguments(
             RewardConfig,
             config,
             output_dir,
@@ -74,16 +63,15 @@ def run(config: RewardStageConfig, tracker: Tracker) -> StageResult:
             eval_dataset=Dataset.from_list(eval_pairs),
             processing_class=tokenizer,
         )
-        callback = instrument_trainer(trainer, config, tracker)
+        callback = supervised.instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
         after = check()
         tracker.log_metrics(after, trainer.state.global_step)
-        log_checkpoints(output_dir, tracker)
 
     summary = [f"{key}: {before[key]:.3f} before training -> {after[key]:.3f} after" for key in after]
-    return stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)
+    return supervised.stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)
 
 
 @torch.no_grad()

@@ -11,28 +11,16 @@ ROUGE-L against the references, and on the built-in task `gold/accuracy` and `go
 
 from __future__ import annotations
 
-import tempfile
 from typing import TYPE_CHECKING
 
-import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from pipelines.lm import supervised
 from pipelines.lm.config import SFTStageConfig
 from pipelines.lm.data import load_stage_data
-from pipelines.lm.supervised import (
-    held_out_check,
-    instrument_trainer,
-    log_checkpoints,
-    lora_config,
-    stage_result,
-    starting_model,
-    training_arguments,
-)
-from pipelines.lm.task import ReversalTask
 from workbench import tags
 from workbench.errors import WorkbenchError
-from workbench.runtime import resolve_device
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -40,9 +28,7 @@ if TYPE_CHECKING:
 
 
 def run(config: SFTStageConfig, tracker: Tracker) -> StageResult:
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    task = ReversalTask(config.task, config.seed)
+    device, task = supervised.stage_start(config)
     train_rows, eval_rows, fmt = load_stage_data(
         config.data, "sft", ("prompt_completion", "messages", "text"), task.sft_rows, config.seed
     )
@@ -51,18 +37,18 @@ def run(config: SFTStageConfig, tracker: Tracker) -> StageResult:
             f"snapshot.pooling: 'answer' needs prompt/completion data to know where the answer starts, but "
             f"{config.data.path} is in the {fmt} format; use snapshot.pooling=token (or last, mean)"
         )
-    model, tokenizer = starting_model(config, tracker)
+    model, tokenizer = supervised.starting_model(config, tracker)
     tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
-    peft_config = lora_config(config.lora)
+    peft_config = supervised.lora_config(config.lora)
 
     gold = config.data.path is None
 
     def check() -> dict[str, float]:
-        return held_out_check(trainer.model, tokenizer, eval_rows, fmt, gold, config.max_new_tokens)
+        return supervised.held_out_check(trainer.model, tokenizer, eval_rows, fmt, gold, config.max_new_tokens)
 
-    with tempfile.TemporaryDirectory(prefix="workbench-sft-") as output_dir:
-        args = training_arguments(
+    with supervised.trainer_output(tracker, "sft") as output_dir:
+        args = supervised.training_arguments(
             SFTConfig, config, output_dir, device, max_length=config.train.max_length, gradient_checkpointing=False
         )
         trainer = SFTTrainer(
@@ -73,17 +59,16 @@ def run(config: SFTStageConfig, tracker: Tracker) -> StageResult:
             processing_class=tokenizer,
             peft_config=peft_config,
         )
-        callback = instrument_trainer(trainer, config, tracker)
+        callback = supervised.instrument_trainer(trainer, config, tracker)
         before = check()
         tracker.log_metrics(before, 0)
         trainer.train()
         after = {**check(), "eval/loss": trainer.evaluate()["eval_loss"]}
         tracker.log_metrics(after, trainer.state.global_step)
-        log_checkpoints(output_dir, tracker)
 
     model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
     summary = [f"eval loss {after['eval/loss']:.3f}"]
     for key in ("gold/accuracy", "eval/exact_match", "eval/rougeL"):
         if key in after:
             summary.append(f"{key}: {before[key]:.3f} before SFT -> {after[key]:.3f} after")
-    return stage_result(callback, config, tracker, model, tokenizer, after, summary)
+    return supervised.stage_result(callback, config, tracker, model, tokenizer, after, summary)

@@ -4,18 +4,21 @@ held-out generation check and the end of a stage. Each stage module reads top to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.lm.models import load_pretrained
-from pipelines.lm.task import gold_reward
+from pipelines.lm.task import ReversalTask, gold_reward
 from workbench import tags
 from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
 from workbench.callback import WorkbenchCallback
 from workbench.launch import run_nested
+from workbench.runtime import resolve_device
 from workbench.stages import StageResult, stage_config_class
 
 if TYPE_CHECKING:
@@ -32,16 +35,32 @@ MAX_CHECKED_PROMPTS = 256  # held-out prompts answered by generation at the star
 GOLD_SAMPLES = 4  # sampled answers per held-out prompt behind gold/accuracy
 
 
+def stage_start(config: Any) -> tuple[str, ReversalTask]:
+    """How every language-model stage begins: its device, the seed set, the built-in task of its settings."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    return device, ReversalTask(config.task, config.seed)
+
+
+@contextmanager
+def trainer_output(tracker: Tracker, stage: str) -> Iterator[str]:
+    """The trainer's output folder, temporary; the checkpoints a policy asked for in it are kept in the run."""
+    with tempfile.TemporaryDirectory(prefix=f"workbench-{stage}-") as output_dir:
+        yield output_dir
+        log_checkpoints(output_dir, tracker)
+
+
 def training_arguments(
     args_class: type[TrainingArguments], config: StageConfig, output_dir: str, device: str, **extra: Any
 ) -> TrainingArguments:
-    """The stage config as a `TrainingArguments` (or TRL `*Config`) instance: the same knobs for every stage.
+    """The stage config as a `TrainingArguments` (or TRL `*Config`) instance: the same knobs for every stage,
+    `extra` adding to or replacing them.
 
     Logging goes through `WorkbenchCallback` only (report_to none); evaluation and logging every
     `train.eval_every` steps; no periodic checkpoints (a policy's `checkpoint` action saves one).
     """
     train = config.train
-    return args_class(
+    knobs: dict[str, Any] = dict(
         output_dir=output_dir,
         max_steps=train.max_steps,
         per_device_train_batch_size=train.batch_size,
@@ -60,8 +79,8 @@ def training_arguments(
         bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         disable_tqdm=False,
-        **extra,
     )
+    return args_class(**{**knobs, **extra})
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig | None:

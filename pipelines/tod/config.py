@@ -88,7 +88,15 @@ class TODSnapshotConfig(SnapshotConfig):
     probes: int = Field(512, gt=0, description="Dialogue states from held-out corpus dialogues.")
 
 
-class TODStageConfig(StageConfig):
+class _DialoguePPOStageConfig(StageConfig):
+    """What both dialogue stages train with: PPO, its iterations, snapshots of dialogue states."""
+
+    ppo: TODPPOSettings = TODPPOSettings()
+    train: TODTrainConfig = TODTrainConfig()
+    snapshot: TODSnapshotConfig = TODSnapshotConfig()
+
+
+class TODStageConfig(_DialoguePPOStageConfig):
     """Imitation on a dialogue corpus, then PPO against the agenda-based user (docs/tod.md). Steps 0..epochs are
     imitation epochs, then one step per PPO iteration."""
 
@@ -97,9 +105,6 @@ class TODStageConfig(StageConfig):
     env: TODEnvConfig = TODEnvConfig()
     policy: TODPolicyModelConfig = TODPolicyModelConfig()
     imitation: ImitationConfig = ImitationConfig()
-    ppo: TODPPOSettings = TODPPOSettings()
-    train: TODTrainConfig = TODTrainConfig()
-    snapshot: TODSnapshotConfig = TODSnapshotConfig()
 
 
 class TODContinualEnvConfig(TODEnvConfig):
@@ -163,7 +168,7 @@ class TODContinualSettings(Strict):
         return self
 
 
-class TODContinualStageConfig(StageConfig):
+class TODContinualStageConfig(_DialoguePPOStageConfig):
     """PPO on a sequence of single-domain dialogue tasks, naive or CLEAR; one nested run per domain
     (docs/tod.md). `train.max_steps` PPO iterations per domain; steps run on across domains."""
 
@@ -172,9 +177,6 @@ class TODContinualStageConfig(StageConfig):
     env: TODContinualEnvConfig = TODContinualEnvConfig()
     policy: TODDescribedPolicyConfig = TODDescribedPolicyConfig()
     continual: TODContinualSettings = TODContinualSettings()
-    ppo: TODPPOSettings = TODPPOSettings()
-    train: TODTrainConfig = TODTrainConfig()
-    snapshot: TODSnapshotConfig = TODSnapshotConfig()
 
     @model_validator(mode="after")
     def _domains_in_env(self) -> TODContinualStageConfig:
