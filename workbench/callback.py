@@ -212,7 +212,7 @@ class WorkbenchCallback(TrainerCallback):
             self._stop_pending |= decision.stop
 
     def _act(self, control: TrainerControl, every_rank: bool = False) -> None:
-        """The policy's decisions as the trainer's own flags, at events after which the trainer reads them:
+        """The engine's decisions as the trainer's own flags, at events after which the trainer reads them:
         `should_save` writes a checkpoint at this step, `should_training_stop` ends training after it.
 
         Only rank 0 decides. In a distributed run its decision is broadcast at step ends, which every rank
