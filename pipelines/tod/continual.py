@@ -1,37 +1,17 @@
 """The `tod_continual` stage: one dialogue policy trained with PPO on a sequence of domains, naively or with CLEAR.
 
-CLEAR (Rolnick et al. 2019, "Experience Replay for Continual Learning"): every rollout goes into a replay buffer
-as pieces of consecutive turns (reservoir sampling when it is full, so each piece seen so far is kept with the same
-probability) with the behaviour policy mu's log-probabilities and logits and the values of the time; every minibatch
-update adds, on replayed pieces, (1) V-trace's off-policy actor-critic loss (Espeholt et al. 2018): the policy
-gradient rho_s (r_s + gamma v_{s+1} - V(x_s)) grad log pi with rho_s = min(rho_bar, pi/mu) outside the gradient,
-and the value network regressed on the V-trace targets v_s, both computed under the current networks; (2) policy
-cloning, KL(mu || pi) to the stored act distribution; and (3) value cloning, the squared distance to the stored
-values. An earlier version put the truncated ratio inside PPO's clipped surrogate on one-step "stored return minus
-current value" advantages: min(pi/mu, 1) has no gradient once pi/mu > 1, so an act the policy had come to prefer
-was never pushed down however bad, while acts it had left were pulled back whenever their stale advantage was
-positive; that pulled the policy towards old behaviour and it forgot more than plain PPO (docs/tod.md).
-
-Cloning targets. CLEAR clones the behaviour stored with each turn, and reservoir sampling keeps every stage of
-training alike, so the targets of an old domain mix its untrained start with its trained end; a greedy multi-hot
-policy (an act is taken when p > 0.5) pulled towards that mixture loses acts it needs. By default
-(`clear.cloning_targets: final`) the targets are instead relabelled when a domain ends, with the networks' logits
-and values of that moment, and cloning acts only on earlier domains' turns: behaviour cloning from the policy at
-the end of each task (Wolczyk et al. 2022, "Disentangling Transfer in Continual Reinforcement Learning", ClonEx),
-which they found to be what makes replay protect. V-trace still uses the behaviour's own log-probabilities.
-"Naive" is plain PPO on each new domain, starting from where the previous domain left the network.
-
-The state and action spaces are those of all `env.domains`, so one network serves every domain; goals of stage
-i are single-domain goals of `continual.domains[i]`. After each stage the greedy policy is evaluated on every
-domain of the sequence and the held-out ones: R[i][j], success on domain j after stage i. From it, as the
-continual-learning literature defines them: average success at the end, forgetting (Chaudhry et al. 2018:
-f_j = max_{l<T-1} R[l][j] - R[T-1][j], mean over earlier domains) and forward transfer (Lopez-Paz and Ranzato
-2017: mean over i >= 1 of R[i-1][i] - b_i, b_i the untrained network's success on domain i). Held-out domains
-are zero-shot: never trained on.
-
-The experiment is one parent run with a nested run per domain (tag `tod.domain`); each nested run holds the
-snapshots of its domain's training on one probe set fixed for the whole sequence (dialogue states of every
-domain, labelled by domain), so the app compares the policy's representation before and after each switch.
+The state and action spaces are those of all `env.domains`, so one network serves every domain; stage i trains on
+single-domain goals of `continual.domains[i]` from where stage i-1 left the network ("naive": plain PPO). CLEAR
+(Rolnick et al. 2019, "Experience Replay for Continual Learning") also stores every rollout in a reservoir buffer,
+as pieces of consecutive turns with the behaviour policy mu's log-probabilities, logits and values, and adds to
+every minibatch, on replayed pieces, V-trace's off-policy actor-critic loss (Espeholt et al. 2018; `vtrace`),
+policy cloning KL(target || pi) and value cloning. The cloning targets are each domain's final networks, on earlier
+domains' turns (`clear.cloning_targets: final`; Wolczyk et al. 2022, "Disentangling Transfer in Continual
+Reinforcement Learning", ClonEx; `ClearPPO.relabel`), or CLEAR's stored behaviour (`behaviour`). After each stage
+the greedy policy is evaluated on every domain, the held-out ones zero-shot: R[i][j], whence `continual_metrics`.
+One parent run, a nested run per domain (tag `tod.domain`), each snapshotting one probe set fixed for the sequence
+(dialogue states of every domain, labelled by domain), so the app compares the policy's representation before and
+after each switch. Measured figures: docs/tod.md and benchmarks/results/tod_continual.md.
 """
 
 from __future__ import annotations
@@ -39,13 +19,15 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.distributions import Bernoulli, kl_divergence
 
-from pipelines.tod.data import TODDataset, load_dataset
+from pipelines.tod.data import Goal, TODDataset, load_dataset
 from pipelines.tod.ddpt import (
     INITIAL_ACT_LOGIT,
     DDPTPolicy,
@@ -178,7 +160,10 @@ class ClearPPO(PPO):
 
     def relabel(self) -> None:
         """At the end of this learner's domain: its replayed turns' cloning targets become the networks' logits
-        and values now (`cloning_targets: final`, module docstring)."""
+        and values now (`cloning_targets: final`); their log-probabilities stay the behaviour's, for V-trace.
+        CLEAR's own targets, the behaviour stored with each turn, mix an old domain's untrained start with its
+        trained end (reservoir sampling keeps every moment of training alike), and a greedy multi-hot policy (an
+        act is taken when p > 0.5) pulled towards that mixture loses acts it needs."""
         rows = (self.buffer.data["stage"][: len(self.buffer)] == self.stage).nonzero().squeeze(1)
         if not rows.numel():  # a full buffer may keep none of a short domain
             return
@@ -215,6 +200,8 @@ class ClearPPO(PPO):
             # subtracting the batch mean pushes it (a first V-trace run did: newest-domain success 0.45, seeds 0-1).
             adv = adv / (adv.pow(2).mean().sqrt() + 1e-8)
         # V-trace's actor-critic loss: rho_s A_s grad log pi, the weight outside the gradient, and the critic to v_s.
+        # (A truncated ratio inside PPO's clipped surrogate has no gradient where pi/mu > rho_bar: an act the policy
+        # came to prefer would never be pushed down however bad; docs/tod.md.)
         off_policy = -(adv * logprob).mean() + 0.5 * (values - vs).pow(2).mean()
         # Cloning weight per replayed piece: every piece for CLEAR's targets, earlier domains' for final ones.
         cloned = torch.ones(len(values)) if self.clear.cloning_targets == "behaviour" else replay["stage"] < self.stage
@@ -234,7 +221,10 @@ class ClearPPO(PPO):
 def continual_metrics(
     success: list[dict[str, float]], untrained: dict[str, float], sequence: list[str]
 ) -> dict[str, float]:
-    """Average success, forgetting and forward transfer from R[i][j] (module docstring)."""
+    """From R[i][j] = `success[i][j]`, success on domain j after stage i, as the continual-learning literature
+    defines them: average success at the end, forgetting (Chaudhry et al. 2018: f_j = max_{l<T-1} R[l][j] -
+    R[T-1][j], mean over earlier domains) and forward transfer (Lopez-Paz and Ranzato 2017: mean over i >= 1 of
+    R[i-1][i] - b_i, b_i the untrained network's success on domain i)."""
     last, T = success[-1], len(sequence)
     out = {
         "continual/average_success": float(np.mean([last[d] for d in sequence])),
@@ -250,6 +240,128 @@ def continual_metrics(
             np.mean([success[i - 1][sequence[i]] - untrained[sequence[i]] for i in range(1, T)])
         )
     return out
+
+
+@dataclass
+class Experiment:
+    """What every domain's training shares: the environments, the fixed evaluation goals of every domain (sequence
+    and held out), the networks, the probe set, and the policy engines' stop messages."""
+
+    config: TODContinualStageConfig
+    make_env: Callable[..., DialogueEnv]
+    env: DialogueEnv
+    generators: dict[str, GoalGenerator]
+    eval_goals: dict[str, list[Goal]]
+    model: MLPPolicy | DDPTPolicy
+    value: ValueNetwork
+    probe: ProbeSet
+    stopped: list[str] = field(default_factory=list)
+
+    def evaluate_on(self, policy: Policy, domain: str) -> dict[str, float]:
+        return summarize(run_dialogues(self.make_env(STREAM_EVAL_USER), policy, self.eval_goals[domain]))
+
+    def evaluate(self, policy: Policy) -> dict[str, dict[str, float]]:
+        return {d: self.evaluate_on(policy, d) for d in self.eval_goals}
+
+
+def success_rates(figures: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {d: f["tod/success_rate"] for d, f in figures.items()}
+
+
+def build_policy(config: TODContinualStageConfig, env: DialogueEnv) -> MLPPolicy | DDPTPolicy:
+    """`policy.kind`'s network over the env's state and acts; either kind's acts start at INITIAL_ACT_LOGIT."""
+    policy = config.policy
+    if policy.kind == "ddpt":
+        space = DescribedSpace(
+            env.actions, env.vectorise, load_descriptions(policy.descriptions, env.actions, env.vectorise)
+        )
+        encoded = encode_descriptions(policy.encoder, space) if policy.encoder else None
+        return DDPTPolicy(space, policy.hidden_size, policy.num_layers, encoded)
+    model = MLPPolicy(len(env.vectorise), len(env.actions), policy.hidden_size, policy.num_layers)
+    torch.nn.init.constant_(model.head.bias, INITIAL_ACT_LOGIT)
+    return model
+
+
+def domain_learner(exp: Experiment, buffer: ReservoirBuffer, stage: int) -> PPO:
+    """The stage's learner, plain PPO (`naive`) or `ClearPPO`, on single-domain goals of the stage's domain; its
+    rollout environments and goals draw from random streams of their own."""
+    config, domain = exp.config, exp.config.continual.domains[stage]
+    goal_rng = np.random.default_rng([config.seed, STREAM_GOALS, stage])
+    envs = [exp.make_env(STREAM_ENVS, 100 * stage + e) for e in range(config.ppo.num_envs)]
+    sample_goal = partial(exp.generators[domain].sample, goal_rng)
+    if config.continual.method == "clear":
+        return ClearPPO(exp.model, exp.value, envs, sample_goal, config.ppo, config.continual.clear, buffer, stage)
+    return PPO(exp.model, exp.value, envs, sample_goal, config.ppo)
+
+
+def train_domain(
+    exp: Experiment, tracker: Tracker, learner: PPO, stage: int, step: int, start: dict[str, float] | None
+) -> tuple[str, int, dict[str, dict[str, float]]]:
+    """The stage's domain in its own nested run: `start` logged at `step` (if given), `train.max_steps` PPO
+    iterations after it, then the greedy policy's figures on every domain; (the nested run's id, the last step,
+    those figures)."""
+    config, model, domain = exp.config, exp.model, exp.config.continual.domains[stage]
+    child_tags = {**base_tags("tod_continual.domain"), "tod.domain": domain, "tod.stage_index": str(stage)}
+    params = {**flatten(config), "tod.domain": domain}
+    child = start_run(config.tracking, child_tags, params, run_name=f"{stage}: {domain}", parent=tracker)
+    with child:
+        instrument = Instrument(config.snapshot, exp.probe, child, seed=config.seed)
+        engine = PolicyEngine.from_config(config.policies, tracker=child)
+
+        def observe(step: int, metrics: dict[str, float]) -> bool:
+            geometry = instrument(model, step)
+            child.log_metrics(metrics, step)
+            return engine.observe(step, {**geometry, **metrics}, snapshot=instrument.due(step)).stop
+
+        if start is not None:
+            observe(step, {**start})
+        for iteration in range(1, config.train.max_steps + 1):
+            step += 1
+            metrics = learner.iteration()
+            if iteration % config.train.eval_every == 0 and iteration < config.train.max_steps:
+                metrics.update(exp.evaluate_on(model.greedy(exp.env), domain))
+            if observe(step, metrics):
+                exp.stopped.append(f"{domain}: stopped at step {step}")
+                break
+        engine.finish()
+        if isinstance(learner, ClearPPO) and config.continual.clear.cloning_targets == "final":
+            learner.relabel()
+        figures = exp.evaluate(model.greedy(exp.env))
+        end = {**figures[domain], **{f"continual/success/{d}": s for d, s in success_rates(figures).items()}}
+        end.update({f"continual/dissatisfied_rate/{d}": f["tod/dissatisfied_rate"] for d, f in figures.items()})
+        child.log_metrics(end, step)
+        if engine.ended_by_user:  # a stop request to this domain's run: it ends KILLED, the sequence goes on
+            child.finish("KILLED")
+    return child.run_id, step, figures
+
+
+def final_metrics(
+    config: TODContinualStageConfig,
+    success: list[dict[str, float]],
+    untrained: dict[str, float],
+    baselines: dict[str, dict[str, float]],
+    figures: dict[str, dict[str, float]],
+) -> dict[str, float]:
+    """`continual_metrics`, the dissatisfied rate over the sequence at the end (`figures`: the last stage's), and
+    zero-shot success on each held-out domain beside the random policy's."""
+    sequence = config.continual.domains
+    final = continual_metrics(success, untrained, sequence)
+    final["continual/dissatisfied_rate"] = float(np.mean([figures[d]["tod/dissatisfied_rate"] for d in sequence]))
+    for d in config.continual.held_out:
+        final[f"continual/zero_shot/{d}"] = success[-1][d]
+        final[f"baseline/random/zero_shot/{d}"] = baselines[d]["tod/success_rate"]
+    return final
+
+
+def success_matrix(
+    sequence: list[str], everywhere: list[str], untrained: dict[str, float], success: list[dict[str, float]]
+) -> list[str]:
+    """R[i][j] as a Markdown table: a row per stage after the untrained network's, a column per domain."""
+    matrix = ["| after \\ on | " + " | ".join(everywhere) + " |", "|---" * (len(everywhere) + 1) + "|"]
+    matrix.append("| untrained | " + " | ".join(f"{untrained[d]:.3f}" for d in everywhere) + " |")
+    for stage, row in enumerate(success):
+        matrix.append(f"| {stage}: {sequence[stage]} | " + " | ".join(f"{row[d]:.3f}" for d in everywhere) + " |")
+    return matrix
 
 
 def run(config: TODContinualStageConfig, tracker: Tracker) -> StageResult:
@@ -273,100 +385,36 @@ def run(config: TODContinualStageConfig, tracker: Tracker) -> StageResult:
         ]
         for i, d in enumerate(everywhere)
     }
-
-    def evaluate(policy: Policy) -> dict[str, dict[str, float]]:
-        return {
-            d: summarize(run_dialogues(make_env(STREAM_EVAL_USER), policy, goals)) for d, goals in eval_goals.items()
-        }
-
     env = make_env(STREAM_ENVS)
-    if config.policy.kind == "ddpt":
-        space = DescribedSpace(
-            env.actions, env.vectorise, load_descriptions(config.policy.descriptions, env.actions, env.vectorise)
-        )
-        encoded = encode_descriptions(config.policy.encoder, space) if config.policy.encoder else None
-        model: MLPPolicy | DDPTPolicy = DDPTPolicy(space, config.policy.hidden_size, config.policy.num_layers, encoded)
-    else:
-        model = MLPPolicy(len(env.vectorise), len(env.actions), config.policy.hidden_size, config.policy.num_layers)
-        torch.nn.init.constant_(model.head.bias, INITIAL_ACT_LOGIT)
+    model = build_policy(config, env)
     value = ValueNetwork(len(env.vectorise), config.policy.hidden_size)
     probe = _probe_set(env, generators, everywhere, seed, config.snapshot.probes)
     tracker.set_tags({tags.DEVICE: "cpu", "tod.sequence": ",".join(sequence), "tod.held_out": ",".join(held_out)})
+    exp = Experiment(config, make_env, env, generators, eval_goals, model, value, probe)
 
-    baselines = evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM])))
-    untrained_figures = evaluate(model.greedy(env))
-    untrained = {d: f["tod/success_rate"] for d, f in untrained_figures.items()}
-    tracker.log_metrics({f"baseline/random/success/{d}": f["tod/success_rate"] for d, f in baselines.items()}, 0)
+    baselines = exp.evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM])))
+    untrained_figures = exp.evaluate(model.greedy(env))
+    untrained = success_rates(untrained_figures)
+    tracker.log_metrics({f"baseline/random/success/{d}": s for d, s in success_rates(baselines).items()}, 0)
     tracker.log_metrics({f"baseline/untrained/success/{d}": s for d, s in untrained.items()}, 0)
 
     capacity = max(1, settings.clear.replay_size // replay_piece(config.ppo.num_steps))  # in pieces
     buffer = ReservoirBuffer(capacity, np.random.default_rng([seed, STREAM_REPLAY]))
     success: list[dict[str, float]] = []
-    step, stopped = 0, []
+    step = 0
     for stage, domain in enumerate(sequence):
-        goal_rng = np.random.default_rng([seed, STREAM_GOALS, stage])
-        envs = [make_env(STREAM_ENVS, 100 * stage + e) for e in range(config.ppo.num_envs)]
-        sample_goal = lambda g=generators[domain], r=goal_rng: g.sample(r)  # noqa: E731
-        learner = (
-            ClearPPO(model, value, envs, sample_goal, config.ppo, settings.clear, buffer, stage)
-            if settings.method == "clear"
-            else PPO(model, value, envs, sample_goal, config.ppo)
-        )
-        child_tags = {**base_tags("tod_continual.domain"), "tod.domain": domain, "tod.stage_index": str(stage)}
-        params = {**flatten(config), "tod.domain": domain}
-        child = start_run(config.tracking, child_tags, params, run_name=f"{stage}: {domain}", parent=tracker)
-        with child:
-            instrument = Instrument(config.snapshot, probe, child, seed=seed)
-            engine = PolicyEngine.from_config(config.policies, tracker=child)
-
-            def observe(
-                step: int,
-                metrics: dict[str, float],
-                instrument: Instrument = instrument,
-                engine: PolicyEngine = engine,
-                child: Tracker = child,
-            ) -> bool:
-                geometry = instrument(model, step)
-                child.log_metrics(metrics, step)
-                return engine.observe(step, {**geometry, **metrics}, snapshot=instrument.due(step)).stop
-
-            if stage == 0:
-                observe(step, {**untrained_figures[domain]})
-            for iteration in range(1, config.train.max_steps + 1):
-                step += 1
-                metrics = learner.iteration()
-                if iteration % config.train.eval_every == 0 and iteration < config.train.max_steps:
-                    metrics.update(
-                        summarize(run_dialogues(make_env(STREAM_EVAL_USER), model.greedy(env), eval_goals[domain]))
-                    )
-                if observe(step, metrics):
-                    stopped.append(f"{domain}: stopped at step {step}")
-                    break
-            engine.finish()
-            if isinstance(learner, ClearPPO) and settings.clear.cloning_targets == "final":
-                learner.relabel()
-            figures = evaluate(model.greedy(env))
-            success.append({d: f["tod/success_rate"] for d, f in figures.items()})
-            end = {**figures[domain], **{f"continual/success/{d}": s for d, s in success[-1].items()}}
-            end.update({f"continual/dissatisfied_rate/{d}": f["tod/dissatisfied_rate"] for d, f in figures.items()})
-            child.log_metrics(end, step)
-            if engine.ended_by_user:  # a stop request to this domain's run: it ends KILLED, the sequence goes on
-                child.finish("KILLED")
+        learner = domain_learner(exp, buffer, stage)
+        start = untrained_figures[domain] if stage == 0 else None  # step 0 (the untrained network) is the first run's
+        run_id, step, figures = train_domain(exp, tracker, learner, stage, step, start)
+        success.append(success_rates(figures))
         tracker.log_metrics({f"continual/success/{d}": s for d, s in success[-1].items()}, stage)
-        tracker.set_tags({f"tod.continual.{stage}.run_id": child.run_id})
+        tracker.set_tags({f"tod.continual.{stage}.run_id": run_id})
 
-    final = continual_metrics(success, untrained, sequence)
-    final["continual/dissatisfied_rate"] = float(np.mean([figures[d]["tod/dissatisfied_rate"] for d in sequence]))
-    for d in held_out:
-        final[f"continual/zero_shot/{d}"] = success[-1][d]
-        final[f"baseline/random/zero_shot/{d}"] = baselines[d]["tod/success_rate"]
+    final = final_metrics(config, success, untrained, baselines, figures)
     tracker.log_metrics(final, len(sequence) - 1)
-    matrix = ["| after \\ on | " + " | ".join(everywhere) + " |", "|---" * (len(everywhere) + 1) + "|"]
-    matrix.append("| untrained | " + " | ".join(f"{untrained[d]:.3f}" for d in everywhere) + " |")
-    for stage, row in enumerate(success):
-        matrix.append(f"| {stage}: {sequence[stage]} | " + " | ".join(f"{row[d]:.3f}" for d in everywhere) + " |")
+    matrix = success_matrix(sequence, everywhere, untrained, success)
     tracker.log_text("\n".join(matrix) + "\n", "continual.md")
-    summary = [*stopped, f"{settings.method} over {' -> '.join(sequence)} ({config.policy.kind} policy):", *matrix]
+    summary = [*exp.stopped, f"{settings.method} over {' -> '.join(sequence)} ({config.policy.kind} policy):", *matrix]
     summary.append(", ".join(f"{k.removeprefix('continual/')} {v:.3f}" for k, v in final.items()))
     metrics = {**final, **{f"continual/success/{d}": s for d, s in success[-1].items()}}
     return StageResult(model_uri=log_policy(model, tracker), metrics=metrics, summary=summary)

@@ -45,7 +45,10 @@ from workbench.snapshots import ProbeSet, choose_probe_ids
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipelines.tod.config import TODStageConfig
+    from pipelines.tod.data import Goal
     from workbench.tracking import Tracker
 
 # Independent random streams per purpose, so e.g. the evaluation goals do not depend on the corpus size.
@@ -102,6 +105,116 @@ def make_probe_set(demos: Demonstrations, n_probes: int, seed: int) -> ProbeSet:
     )
 
 
+@dataclass
+class Experiment:
+    """What the two phases share: the environment and its held-out goals, the policy network, the run's
+    observers, the greedy policy's latest figures per phase (`history`) and the policy engine's stop messages."""
+
+    config: TODStageConfig
+    tracker: Tracker
+    make_env: Callable[..., DialogueEnv]
+    env: DialogueEnv
+    eval_goals: list[Goal]
+    demos: Demonstrations
+    model: MLPPolicy
+    instrument: Instrument
+    engine: PolicyEngine
+    history: dict[str, dict[str, float]] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)
+
+    def evaluate(self, policy: Policy) -> dict[str, float]:
+        # A fresh user stream each time: every evaluation hears the same users given the same system acts.
+        return summarize(run_dialogues(self.make_env(STREAM_EVAL_USER), policy, self.eval_goals))
+
+    def observe(self, step: int, metrics: dict[str, float]) -> bool:
+        """Snapshot, log, and ask the policy engine; True: stop here."""
+        geometry = self.instrument(self.model, step)
+        self.tracker.log_metrics(metrics, step)
+        decision = self.engine.observe(step, {**geometry, **metrics}, snapshot=self.instrument.due(step))
+        if decision.checkpoint:
+            log_policy(self.model, self.tracker, model_checkpoint_path(step))
+        if decision.stop:
+            self.stopped.append(f"stopped at step {step}: {decision.reason}")
+        return decision.stop
+
+    def evaluated(self, phase: str, metrics: dict[str, float], due: bool) -> dict[str, float]:
+        """The greedy policy's figures when due; a stop is due too: the last figures describe the final policy."""
+        if due:
+            figures = self.evaluate(self.model.greedy(self.env))
+            self.history[phase] = figures
+            metrics.update(figures)
+        return metrics
+
+    def stops(self, phase: str, step: int, metrics: dict[str, float]) -> bool:
+        """`observe`; on a stop, the greedy policy's figures too, unless this step has them already."""
+        if not self.observe(step, metrics):
+            return False
+        if "tod/success_rate" not in metrics:
+            self.tracker.log_metrics(self.evaluated(phase, {}, True), step)
+        return True
+
+
+def imitation_metrics(model: MLPPolicy, demos: Demonstrations) -> dict[str, float]:
+    """Loss and exact match of the act sets on the held-out corpus turns."""
+    loss, exact = act_accuracy(model, demos.held_states, demos.held_targets)
+    return {"imitation/eval_loss": loss, "imitation/exact_match": exact}
+
+
+def imitate(exp: Experiment, stop: bool) -> tuple[int, bool]:
+    """Phase 1, step = epoch; (the last step, whether the policy engine stopped the run)."""
+    config, model, demos = exp.config, exp.model, exp.demos
+    epochs = config.imitation.epochs
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.imitation.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    best_loss, best_state, best_epoch = float("inf"), None, 0
+    step = 0
+    for epoch in tqdm(range(1, 0 if stop else epochs + 1), desc="imitation", unit="epoch"):
+        step = epoch
+        loss = behaviour_cloning_epoch(
+            model, optimizer, demos.states, demos.targets, config.imitation.batch_size, generator
+        )
+        held_out = imitation_metrics(model, demos)
+        if held_out["imitation/eval_loss"] < best_loss:
+            best_loss, best_epoch = held_out["imitation/eval_loss"], epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        metrics = {"imitation/loss": loss}
+        if epoch == epochs and config.imitation.keep_best:  # early stopping: step `epochs` is the best epoch's model
+            model.load_state_dict(best_state)
+            metrics["imitation/best_epoch"] = best_epoch
+            held_out = imitation_metrics(model, demos)
+        metrics.update(held_out)
+        exp.evaluated("imitation", metrics, epoch == epochs or epoch % config.train.eval_every == 0)
+        if stop := exp.stops("imitation", step, metrics):
+            break
+    return step, stop
+
+
+def reinforce(exp: Experiment, ppo: PPO, step: int, stop: bool) -> int:
+    """Phase 2, step = imitation.epochs + iteration; the last step (`step` when no iteration runs)."""
+    epochs, last, eval_every = exp.config.imitation.epochs, exp.config.train.max_steps, exp.config.train.eval_every
+    for iteration in tqdm(range(1, 0 if stop else last + 1), desc="ppo", unit="iteration"):
+        step = epochs + iteration
+        metrics = exp.evaluated("ppo", ppo.iteration(), iteration == last or iteration % eval_every == 0)
+        if exp.stops("ppo", step, metrics):
+            break
+    return step
+
+
+def summary_lines(exp: Experiment, baselines: dict[str, dict[str, float]], final: dict[str, float]) -> list[str]:
+    """Stops, then success from untrained to imitation to PPO against the baselines, then the final figures."""
+    history = exp.history
+    return [
+        *exp.stopped,
+        f"success rate on {len(exp.eval_goals)} held-out goals (rule expert "
+        f"{baselines['rule_expert']['tod/success_rate']:.3f}, random {baselines['random']['tod/success_rate']:.3f}):",
+        f"  untrained {history['untrained']['tod/success_rate']:.3f} -> imitation "
+        f"{history['imitation']['tod/success_rate']:.3f}"
+        + (f" -> PPO {final['tod/success_rate']:.3f}" if "ppo" in history else " (no PPO)"),
+        f"final: inform F1 {final['tod/inform_f1']:.3f}, book rate {final['tod/book_rate']:.3f}, "
+        f"turns {final['tod/turns']:.2f}",
+    ]
+
+
 def run(config: TODStageConfig, tracker: Tracker) -> StageResult:
     seed, env_config = config.seed, config.env
     torch.manual_seed(seed)
@@ -109,7 +222,6 @@ def run(config: TODStageConfig, tracker: Tracker) -> StageResult:
         source = config.data.path or write_synthetic_dataset(tmp, config.data.dialogues, config.data.wizard_noise, seed)
         dataset = load_dataset(source, env_config.domains)
     make_env = env_factory(dataset, env_config, seed)
-
     goals = GoalGenerator(
         dataset.ontology,
         dataset.db,
@@ -120,10 +232,6 @@ def run(config: TODStageConfig, tracker: Tracker) -> StageResult:
     eval_rng = np.random.default_rng([seed, STREAM_EVAL_GOALS])
     eval_goals = [goals.sample(eval_rng) for _ in range(env_config.eval_dialogues)]
 
-    def evaluate(policy: Policy) -> dict[str, float]:
-        # A fresh user stream each time: every evaluation hears the same users given the same system acts.
-        return summarize(run_dialogues(make_env(STREAM_EVAL_USER), policy, eval_goals))
-
     env = make_env(STREAM_CORPUS)
     demos = read_demonstrations(dataset, env, env_config.domains)
     model = MLPPolicy(len(env.vectorise), len(env.actions), config.policy.hidden_size, config.policy.num_layers)
@@ -131,100 +239,34 @@ def run(config: TODStageConfig, tracker: Tracker) -> StageResult:
     instrument = Instrument(config.snapshot, make_probe_set(demos, config.snapshot.probes, seed), tracker, seed=seed)
     engine = PolicyEngine.from_config(config.policies, tracker=tracker)
     tracker.set_tags({tags.DEVICE: "cpu", "tod.data": config.data.path or "synthetic (generated at run time)"})
+    exp = Experiment(config, tracker, make_env, env, eval_goals, demos, model, instrument, engine)
 
     baselines = {
-        "rule_expert": evaluate(RuleExpert(env)),
-        "random": evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM]))),
+        "rule_expert": exp.evaluate(RuleExpert(env)),
+        "random": exp.evaluate(RandomPolicy(env, np.random.default_rng([seed, STREAM_RANDOM]))),
     }
     tracker.log_metrics(
         {f"baseline/{name}/{k.removeprefix('tod/')}": v for name, fig in baselines.items() for k, v in fig.items()}, 0
     )
     tracker.log_text(json.dumps({"state": env.vectorise.names, "acts": env.actions.acts}), "model/policy_io.json")
 
-    stopped: list[str] = []
-
-    def observe(step: int, metrics: dict[str, float]) -> bool:
-        """Snapshot, log, and ask the policy engine; True: stop here."""
-        geometry = instrument(model, step)
-        tracker.log_metrics(metrics, step)
-        decision = engine.observe(step, {**geometry, **metrics}, snapshot=instrument.due(step))
-        if decision.checkpoint:
-            log_policy(model, tracker, model_checkpoint_path(step))
-        if decision.stop:
-            stopped.append(f"stopped at step {step}: {decision.reason}")
-        return decision.stop
-
-    def imitation_metrics() -> dict[str, float]:
-        loss, exact = act_accuracy(model, demos.held_states, demos.held_targets)
-        return {"imitation/eval_loss": loss, "imitation/exact_match": exact}
-
-    history: dict[str, dict[str, float]] = {"untrained": evaluate(model.greedy(env))}
-    step, epochs = 0, config.imitation.epochs
+    exp.history["untrained"] = exp.evaluate(model.greedy(env))
     start_loss = act_accuracy(model, demos.states, demos.targets)[0]
-    stop = observe(0, {**history["untrained"], "imitation/loss": start_loss, **imitation_metrics()})
-
-    def evaluated(phase: str, metrics: dict[str, float], due: bool) -> dict[str, float]:
-        """The greedy policy's figures when due; a stop is due too: the last figures describe the final policy."""
-        if due:
-            figures = evaluate(model.greedy(env))
-            history[phase] = figures
-            metrics.update(figures)
-        return metrics
+    stop = exp.observe(0, {**exp.history["untrained"], "imitation/loss": start_loss, **imitation_metrics(model, demos)})
 
     # --- phase 1: imitation (ConvLab's MLE policy): multi-label BCE on the corpus's system acts ----------------
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.imitation.lr)
-    generator = torch.Generator().manual_seed(seed)
-    best_loss, best_state, best_epoch = float("inf"), None, 0
-    for epoch in tqdm(range(1, 0 if stop else epochs + 1), desc="imitation", unit="epoch"):
-        step = epoch
-        loss = behaviour_cloning_epoch(
-            model, optimizer, demos.states, demos.targets, config.imitation.batch_size, generator
-        )
-        held_out = imitation_metrics()
-        if held_out["imitation/eval_loss"] < best_loss:
-            best_loss, best_epoch = held_out["imitation/eval_loss"], epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        metrics = {"imitation/loss": loss}
-        if epoch == epochs and config.imitation.keep_best:  # early stopping: step `epochs` is the best epoch's model
-            model.load_state_dict(best_state)
-            metrics["imitation/best_epoch"] = best_epoch
-            held_out = imitation_metrics()
-        metrics.update(held_out)
-        evaluated("imitation", metrics, epoch == epochs or epoch % config.train.eval_every == 0)
-        if stop := observe(step, metrics):
-            if "tod/success_rate" not in metrics:
-                tracker.log_metrics(evaluated("imitation", {}, True), step)
-            break
-    history.setdefault("imitation", history["untrained"])
+    step, stop = imitate(exp, stop)
+    exp.history.setdefault("imitation", exp.history["untrained"])
 
     # --- phase 2: PPO against the user simulator ------------------------------------------------------------
     goal_rng = np.random.default_rng([seed, STREAM_GOALS])
     envs = [make_env(STREAM_ENVS, i) for i in range(config.ppo.num_envs)]
     ppo = PPO(model, value, envs, lambda: goals.sample(goal_rng), config.ppo)
-    last = config.train.max_steps
-    for iteration in tqdm(range(1, 0 if stop else last + 1), desc="ppo", unit="iteration"):
-        step = epochs + iteration
-        metrics = evaluated("ppo", ppo.iteration(), iteration == last or iteration % config.train.eval_every == 0)
-        if observe(step, metrics):
-            if "tod/success_rate" not in metrics:
-                tracker.log_metrics(evaluated("ppo", {}, True), step)
-            break
+    step = reinforce(exp, ppo, step, stop)
     engine.finish()
 
-    final = history.get("ppo", history["imitation"])
-    facts = {
-        **final,
-        **{f"imitation/{k.removeprefix('tod/')}": v for k, v in history["imitation"].items()},
-    }
+    final = exp.history.get("ppo", exp.history["imitation"])
+    facts = {**final, **{f"imitation/{k.removeprefix('tod/')}": v for k, v in exp.history["imitation"].items()}}
     tracker.log_metrics({f"final/{k.removeprefix('tod/')}": v for k, v in final.items()}, step)
-    summary = [
-        *stopped,
-        f"success rate on {len(eval_goals)} held-out goals (rule expert "
-        f"{baselines['rule_expert']['tod/success_rate']:.3f}, random {baselines['random']['tod/success_rate']:.3f}):",
-        f"  untrained {history['untrained']['tod/success_rate']:.3f} -> imitation "
-        f"{history['imitation']['tod/success_rate']:.3f}"
-        + (f" -> PPO {final['tod/success_rate']:.3f}" if "ppo" in history else " (no PPO)"),
-        f"final: inform F1 {final['tod/inform_f1']:.3f}, book rate {final['tod/book_rate']:.3f}, "
-        f"turns {final['tod/turns']:.2f}",
-    ]
+    summary = summary_lines(exp, baselines, final)
     return StageResult(log_policy(model, tracker), facts, summary, ended_by_user=engine.ended_by_user)
