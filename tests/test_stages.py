@@ -13,6 +13,7 @@ from pipelines.lm.models import build_causal_lm, train_tokenizer
 from pipelines.lm.task import MISTAKES, ReversalTask, gold_reward, is_correct, letters_of
 from workbench.cli import main
 from workbench.errors import WorkbenchError
+from workbench.runs import run_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Every stage shrunk to seconds: a 1-layer d=32 model, 6 steps, a handful of examples.
@@ -209,6 +210,7 @@ def test_a_policy_stops_a_stage_and_its_checkpoint_is_kept_in_the_run(store, sav
     assert "stopped at step 3 of 6" in capsys.readouterr().out
     saved = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/step_00000003")}
     assert "checkpoints/step_00000003/model.safetensors" in saved  # the trainer's checkpoint-3, by the one convention
+    assert run_state(run.info.run_id, store)["checkpoints"] == [3]  # as the app's live-control page reads them
 
 
 def test_rm_on_rankings_logs_pairwise_accuracy_and_kendall_tau(store, saved_model, tmp_path):
