@@ -42,7 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_torch_threads()
     join_process_group(resolve_device(config.device))  # under `accelerate launch`: one process per rank
     started = time.monotonic()
-    tracker = start_stage_run(config, str(args.config))
+    try:
+        tracker = start_stage_run(config, str(args.config))
+    except WorkbenchError:
+        raise
+    except Exception as exc:  # e.g. the store refused the params: the run is already marked FAILED
+        traceback.print_exc()
+        print(f"workbench: run FAILED at its start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if not is_main_process():
         with tracker:
             run_stage(config, tracker)
