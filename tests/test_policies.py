@@ -51,16 +51,16 @@ class WindowForecaster:
         return self.start <= step < self.end
 
 
-def engine(*rules, forecasters=(), **kwargs):
+def make_engine(*rules, forecasters=(), **kwargs):
     return PolicyEngine(load_rules(list(rules)), forecasters=list(forecasters), console=False, **kwargs)
 
 
 def fired(when, values, steps=None, **rule):
     """The steps at which a one-rule alert policy on metric `m` fires over a series."""
-    policy = engine({"name": "r", "when": when, "actions": ["alert"], **rule})
+    engine = make_engine({"name": "r", "when": when, "actions": ["alert"], **rule})
     for step, value in zip(steps or range(len(values)), values, strict=True):
-        policy.observe(step, {"m": value})
-    return [f.step for f in policy.firings if f.kind == "alert"]
+        engine.observe(step, {"m": value})
+    return [f.step for f in engine.firings if f.kind == "alert"]
 
 
 # --- the classic knobs, as Keras / Lightning / HF define them -------------------------------------------
@@ -132,17 +132,17 @@ def test_all_and_any_combine_the_latest_value_of_each_metric():
     rules = {"a": {"metric": "a", "above": 1}, "b": {"metric": "b", "below": 0}}
     observations = [{"a": 2, "b": 1}, {"a": 2}, {"a": 0, "b": -1}, {"a": 2}]  # b is logged every other step
     for combinator, expected in (("all", [3]), ("any", [0, 1, 2, 3])):
-        policy = engine({"name": "r", "when": {combinator: list(rules.values())}, "actions": ["alert"]})
+        engine = make_engine({"name": "r", "when": {combinator: list(rules.values())}, "actions": ["alert"]})
         for step, metrics in enumerate(observations):
-            policy.observe(step, metrics)
-        assert [f.step for f in policy.firings if f.kind == "alert"] == expected, combinator
+            engine.observe(step, metrics)
+        assert [f.step for f in engine.firings if f.kind == "alert"] == expected, combinator
 
 
 def test_a_rule_fires_only_at_steps_where_its_metric_is_logged():
-    policy = engine({"name": "r", "when": {"metric": "m", "above": 0}, "actions": ["alert"]})
+    engine = make_engine({"name": "r", "when": {"metric": "m", "above": 0}, "actions": ["alert"]})
     for step in range(6):
-        policy.observe(step, {"m": 1.0} if step % 3 == 0 else {"other": 0.0})
-    assert [f.step for f in policy.firings if f.kind == "alert"] == [0, 3]
+        engine.observe(step, {"m": 1.0} if step % 3 == 0 else {"other": 0.0})
+    assert [f.step for f in engine.firings if f.kind == "alert"] == [0, 3]
 
 
 def test_once_and_cooldown():
@@ -162,35 +162,35 @@ PLATEAU_STOP = {
 HOLD = {"name": "protect", "when": {"event": "fake_forecast"}, "actions": ["hold"]}
 
 
-def run_steps(policy, n=11):
+def run_steps(engine, n=11):
     decisions = {}
     for step in range(n):
-        decisions[step] = policy.observe(step, {"eval/acc": 0.1})  # a flat plateau: patience runs out at step 2
+        decisions[step] = engine.observe(step, {"eval/acc": 0.1})  # a flat plateau: patience runs out at step 2
         if decisions[step].stop:
             break
     return decisions
 
 
 def test_patience_alone_stops_in_the_plateau():
-    decisions = run_steps(engine(PLATEAU_STOP))
+    decisions = run_steps(make_engine(PLATEAU_STOP))
     assert max(decisions) == 2 and decisions[2].stop and decisions[2].checkpoint
     assert decisions[2].reason.startswith("rule 'plateau': eval/acc has not improved for 2 evaluations")
 
 
 def test_hold_suppresses_a_stop_while_the_forecast_is_active_and_releases_it_after():
-    policy = engine(PLATEAU_STOP, HOLD, forecasters=[WindowForecaster(start=1, end=6)])
-    decisions = run_steps(policy)
+    engine = make_engine(PLATEAU_STOP, HOLD, forecasters=[WindowForecaster(start=1, end=6)])
+    decisions = run_steps(engine)
     assert max(decisions) == 6 and decisions[6].stop  # held at 2..5, stopped at the first step after the hold
     assert [s for s, d in decisions.items() if d.checkpoint] == [2, 6]  # once when held, once at the stop
-    kinds = [(f.step, f.kind) for f in policy.firings]
+    kinds = [(f.step, f.kind) for f in engine.firings]
     assert (1, "event") in kinds and (1, "hold") in kinds and (2, "held") in kinds and (6, "release") in kinds
 
 
 def test_alerts_and_forecast_events_are_logged_as_event_metrics_and_tags():
     tracker = FakeTracker()
     rule = {"name": "lid-drop@L2", "when": {"metric": "m", "below": 1}, "actions": ["alert"], "once": True}
-    policy = engine(rule, forecasters=[WindowForecaster(start=2, end=4)], tracker=tracker)
-    decisions = [policy.observe(step, {"m": 2.0 - step}) for step in range(4)]
+    engine = make_engine(rule, forecasters=[WindowForecaster(start=2, end=4)], tracker=tracker)
+    decisions = [engine.observe(step, {"m": 2.0 - step}) for step in range(4)]
     assert ("event/lid-drop_L2", 1.0, 2) in tracker.metrics and ("event/fake_forecast", 1.0, 2) in tracker.metrics
     assert json.loads(tracker.tags["workbench.alert.lid-drop_L2"])["step"] == 2
     assert json.loads(tracker.tags["workbench.event.fake_forecast"]) == {"step": 2, "onset": 4}
@@ -200,41 +200,41 @@ def test_alerts_and_forecast_events_are_logged_as_event_metrics_and_tags():
 
 def test_a_stop_sets_the_stop_tags():
     tracker = FakeTracker()
-    policy = engine(PLATEAU_STOP, tracker=tracker)
-    run_steps(policy)
+    engine = make_engine(PLATEAU_STOP, tracker=tracker)
+    run_steps(engine)
     assert tracker.tags["workbench.stopped_at_step"] == "2"
     assert tracker.tags["workbench.stop_reason"].startswith("rule 'plateau'")
 
 
 def test_a_stop_request_is_polled_at_most_every_poll_interval():
     tracker = FakeTracker()
-    slow = engine(tracker=tracker, stop_poll_seconds=3600)
+    slow = make_engine(tracker=tracker, stop_poll_seconds=3600)
     slow.observe(0, {"m": 1.0})
     tracker.tags["workbench.stop_requested"] = "now"
     # One poll reads the stop, the checkpoint and the attached-policy tag; the next poll is an hour away.
     assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 3
-    decision = engine(tracker=tracker, stop_poll_seconds=0).observe(1, {"m": 1.0})
+    decision = make_engine(tracker=tracker, stop_poll_seconds=0).observe(1, {"m": 1.0})
     assert decision.stop and decision.checkpoint and decision.reason == "stop requested"
     assert tracker.tags["workbench.stopped_at_step"] == "1"
 
 
 def test_a_checkpoint_request_checkpoints_once_at_the_next_poll():
     tracker = FakeTracker()
-    policy = engine(tracker=tracker, stop_poll_seconds=0)
-    assert not policy.observe(0, {"m": 1.0}).checkpoint
+    engine = make_engine(tracker=tracker, stop_poll_seconds=0)
+    assert not engine.observe(0, {"m": 1.0}).checkpoint
     tracker.tags["workbench.checkpoint_requested"] = "requested 12:00:00.000"
-    first, again = policy.observe(1, {"m": 1.0}), policy.observe(2, {"m": 1.0})
+    first, again = engine.observe(1, {"m": 1.0}), engine.observe(2, {"m": 1.0})
     assert first.checkpoint and not first.stop and not again.checkpoint  # one request, one checkpoint
     tracker.tags["workbench.checkpoint_requested"] = "requested 12:00:05.000"
-    assert policy.observe(3, {"m": 1.0}).checkpoint
-    assert [(f.step, f.kind) for f in policy.firings] == [(1, "checkpoint"), (3, "checkpoint")]
+    assert engine.observe(3, {"m": 1.0}).checkpoint
+    assert [(f.step, f.kind) for f in engine.firings] == [(1, "checkpoint"), (3, "checkpoint")]
 
 
 def test_a_stop_request_is_not_held():
     tracker = FakeTracker()
     tracker.tags["workbench.stop_requested"] = "now"
-    policy = engine(HOLD, forecasters=[WindowForecaster(0, 100)], tracker=tracker, stop_poll_seconds=0)
-    assert policy.observe(0, {"m": 1.0}).stop
+    engine = make_engine(HOLD, forecasters=[WindowForecaster(0, 100)], tracker=tracker, stop_poll_seconds=0)
+    assert engine.observe(0, {"m": 1.0}).stop
 
 
 def attached(text):
@@ -244,33 +244,33 @@ def attached(text):
 
 def test_an_attached_policy_is_taken_at_the_next_poll_and_replaces_a_rule_of_its_name():
     tracker = FakeTracker()
-    policy = engine(PLATEAU_STOP, tracker=tracker, stop_poll_seconds=0)
-    assert not policy.observe(0, {"eval/acc": 0.1, "train/loss": 3.0}).stop
+    engine = make_engine(PLATEAU_STOP, tracker=tracker, stop_poll_seconds=0)
+    assert not engine.observe(0, {"eval/acc": 0.1, "train/loss": 3.0}).stop
     # Patience 5 replaces 'plateau' (patience 2, which would stop at step 2); 'loss-low' is new.
     tracker.tags["workbench.attached_policy"] = attached(
         "- {name: plateau, when: {metric: eval/acc, mode: max, patience: 5}, actions: [stop]}\n"
         "- {name: loss-low, when: {metric: train/loss, below: 1.0}, actions: [alert]}\n"
     )
-    taken = policy.observe(1, {"eval/acc": 0.1, "train/loss": 2.0})
+    taken = engine.observe(1, {"eval/acc": 0.1, "train/loss": 2.0})
     assert taken.alerts == ["policy, step 1: attach: attached policy taken: plateau, loss-low (replacing plateau)"]
     assert json.loads(tracker.tags["workbench.attached_policy_applied"]) == {
         "step": 1,
         "rules": ["loss-low", "plateau"],
     }
-    stops = [step for step in range(2, 12) if policy.observe(step, {"eval/acc": 0.1, "train/loss": 0.5}).stop]
+    stops = [step for step in range(2, 12) if engine.observe(step, {"eval/acc": 0.1, "train/loss": 0.5}).stop]
     assert stops[0] == 7  # the attached patience counts from the step it was taken at: 5 evaluations after step 2
-    assert [f.step for f in policy.firings if f.kind == "alert" and f.name == "loss-low"][0] == 2
-    assert [f.kind for f in policy.firings].count("attach") == 1  # the same tag value, polled ten times, taken once
+    assert [f.step for f in engine.firings if f.kind == "alert" and f.name == "loss-low"][0] == 2
+    assert [f.kind for f in engine.firings].count("attach") == 1  # the same tag value, polled ten times, taken once
 
 
 def test_an_attached_policy_the_run_cannot_take_is_refused_with_an_alert():
     tracker = FakeTracker()
-    policy = engine(tracker=tracker, stop_poll_seconds=0)  # a run without forecasters: no grokking_forecast event
+    engine = make_engine(tracker=tracker, stop_poll_seconds=0)  # a run without forecasters: no grokking_forecast event
     hold = "- {name: h, when: {event: grokking_forecast}, actions: [hold]}\n"
     tracker.tags["workbench.attached_policy"] = attached(hold)
-    [alert] = policy.observe(0, {"m": 1.0}).alerts
+    [alert] = engine.observe(0, {"m": 1.0}).alerts
     assert "attached policy refused: attached policy: rule 'h' (#1): when.event: unknown event" in alert
-    assert policy.rules == [] and "workbench.attached_policy_applied" not in tracker.tags
+    assert engine.rules == [] and "workbench.attached_policy_applied" not in tracker.tags
 
 
 def test_workbench_attach_stops_a_live_run_with_the_attached_rule(tracking_uri, run_grokking, monkeypatch, capsys):
@@ -317,10 +317,10 @@ def test_a_policy_too_long_for_a_tag_is_refused_rather_than_truncated(tracking_u
 
 def test_an_error_inside_a_rule_becomes_an_alert_and_disables_the_rule():
     tracker = FakeTracker()
-    policy = engine({"name": "r", "when": {"metric": "m", "above": 0}, "actions": ["stop"]}, tracker=tracker)
-    decision = policy.observe(0, {"m": "not a number"})
+    engine = make_engine({"name": "r", "when": {"metric": "m", "above": 0}, "actions": ["stop"]}, tracker=tracker)
+    decision = engine.observe(0, {"m": "not a number"})
     assert not decision.stop and "rule 'r' disabled: ValueError" in decision.alerts[0]
-    assert not policy.observe(1, {"m": 5.0}).stop
+    assert not engine.observe(1, {"m": 5.0}).stop
     assert ("event/r", 1.0, 0) in tracker.metrics
 
 
@@ -329,24 +329,24 @@ def test_a_failing_forecaster_disables_the_rules_on_its_event():
         def observe(self, step, metrics):
             raise RuntimeError("boom")
 
-    policy = engine(HOLD, forecasters=[Broken(0, 10)])
-    decision = policy.observe(0, {"m": 1.0})
+    engine = make_engine(HOLD, forecasters=[Broken(0, 10)])
+    decision = engine.observe(0, {"m": 1.0})
     assert "rule 'protect' disabled: forecaster 'fake_forecast' failed: RuntimeError: boom" in decision.alerts[0]
 
 
 def test_a_metric_the_run_never_logs_is_reported_against_its_keys_and_the_rule_disabled():
     typo = {"name": "typo", "when": {"metric": "eval/accuracy", "mode": "max", "patience": 1}, "actions": ["stop"]}
     absent = {"name": "kl", "when": {"metric": "kl", "above": 10}, "actions": ["stop"]}
-    policy = engine(typo, absent)
-    decision = policy.observe(0, {"eval/acc": 0.1, "eval/loss": 2.0, "train/loss": 1.0})
+    engine = make_engine(typo, absent)
+    decision = engine.observe(0, {"eval/acc": 0.1, "eval/loss": 2.0, "train/loss": 1.0})
     assert decision.alerts == [
         "policy, step 0: alert: rule 'typo' disabled: metric 'eval/accuracy' never logged (did you mean eval/acc?); "
         "this run logs eval/acc, eval/loss, train/loss"
     ]
     for step in (1, 2, 3):
-        assert not policy.observe(step, {"eval/acc": 0.1}).stop  # the typo'd rule would have stopped here
+        assert not engine.observe(step, {"eval/acc": 0.1}).stop  # the typo'd rule would have stopped here
     # No top-level key is logged, so only the end of the run can tell that `kl` never comes.
-    assert policy.finish() == [
+    assert engine.finish() == [
         "policy, step 3: alert: rule 'kl' disabled: metric 'kl' never logged; this run logs eval/acc, eval/loss, "
         "train/loss"
     ]
@@ -396,7 +396,7 @@ def test_missing_policy_file_and_unknown_event_are_one_line_errors(tmp_path):
     with pytest.raises(WorkbenchError, match=r"absent.yaml: no such policy file$"):
         load_rules(tmp_path / "absent.yaml")
     with pytest.raises(WorkbenchError, match=r"rule 'protect' \(#1\): when.event: unknown event 'fake_forecast'"):
-        engine(HOLD)  # no forecaster of that name
+        make_engine(HOLD)  # no forecaster of that name
 
 
 def test_inline_policies_in_a_config_are_checked_with_the_file(tmp_path):
@@ -428,8 +428,8 @@ def test_the_example_policy_stops_a_plateau_unless_grokking_is_forecast():
     def stop_step(forecast_until):
         forecaster = WindowForecaster(0, forecast_until)
         forecaster.name = "grokking_forecast"
-        policy = PolicyEngine(load_rules(EXAMPLE_POLICY), forecasters=[forecaster], console=False)
-        return next(s for s in range(0, 1000, 10) if policy.observe(s, {"eval/acc": 0.1}).stop)
+        engine = PolicyEngine(load_rules(EXAMPLE_POLICY), forecasters=[forecaster], console=False)
+        return next(s for s in range(0, 1000, 10) if engine.observe(s, {"eval/acc": 0.1}).stop)
 
     unheld = stop_step(forecast_until=0)  # a flat test accuracy: the plateau rule ends the run
     assert stop_step(forecast_until=unheld + 100) == unheld + 100  # held until the forecast ends
