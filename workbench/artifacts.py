@@ -32,16 +32,21 @@ def checkpoint_steps(client: Any, run_id: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def log_folder(tracker: Tracker, artifact_path: str, write: Callable[[Path], Any]) -> str:
-    """Call `write(folder)` on a temporary folder and keep what it wrote (subfolders too) as the run's artifacts
-    under `artifact_path`; returns their `runs:/` URI."""
-    with tempfile.TemporaryDirectory(prefix="workbench-artifacts-") as tmp:
-        root = Path(tmp)
-        write(root)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            folder = path.parent.relative_to(root).as_posix()
-            tracker.log_artifact(path, artifact_path if folder == "." else f"{artifact_path}/{folder}")
+def log_tree(tracker: Tracker, root: Path, artifact_path: str) -> str:
+    """Every file under the local folder `root` (subfolders kept) as the run's artifacts under `artifact_path`;
+    returns their `runs:/` URI."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        folder = path.parent.relative_to(root).as_posix()
+        tracker.log_artifact(path, artifact_path if folder == "." else f"{artifact_path}/{folder}")
     return f"runs:/{tracker.run_id}/{artifact_path}"
+
+
+def log_folder(tracker: Tracker, artifact_path: str, write: Callable[[Path], Any]) -> str:
+    """Call `write(folder)` on a temporary folder and keep what it wrote as the run's artifacts under
+    `artifact_path` (`log_tree`); returns their `runs:/` URI."""
+    with tempfile.TemporaryDirectory(prefix="workbench-artifacts-") as tmp:
+        write(Path(tmp))
+        return log_tree(tracker, Path(tmp), artifact_path)
 
 
 def log_pretrained(tracker: Tracker, artifact_path: str, *parts: Any) -> str:

@@ -1,5 +1,6 @@
-"""What the supervised stages (pretrain, sft, rm, dpo) share: trainer arguments, the starting model, the
-held-out generation check and the end of a stage. Each stage module reads top to bottom on its own.
+"""What the language-model stages share: their start and end, trainer arguments, the starting model, the
+workbench's callback on their trainer and the held-out generation check (the RL stages add theirs in rl.py).
+Each stage module reads top to bottom on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from pipelines.lm.models import load_pretrained
 from pipelines.lm.task import ReversalTask, gold_reward
 from workbench import tags
-from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
+from workbench.artifacts import MODEL_DIR, log_pretrained, log_tree, model_checkpoint_path
 from workbench.callback import WorkbenchCallback
 from workbench.launch import run_nested
 from workbench.runtime import resolve_device
@@ -212,10 +213,7 @@ def log_checkpoints(output_dir: str, tracker: Tracker) -> None:
     """Checkpoints a policy asked for (`control.should_save`, the trainer's `checkpoint-<step>` folders) are kept
     as run artifacts `checkpoints/step_XXXXXXXX`, like every stage's, not in a temporary folder."""
     for folder in sorted(Path(output_dir).glob("checkpoint-*")):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            inside = path.parent.relative_to(folder).as_posix()
-            where = model_checkpoint_path(int(folder.name.removeprefix("checkpoint-")))
-            tracker.log_artifact(path, where if inside == "." else f"{where}/{inside}")
+        log_tree(tracker, folder, model_checkpoint_path(int(folder.name.removeprefix("checkpoint-"))))
 
 
 def stage_result(
