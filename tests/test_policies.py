@@ -213,9 +213,11 @@ def test_a_stop_request_is_polled_at_most_every_poll_interval():
     tracker.tags["workbench.stop_requested"] = "now"
     # One poll reads the stop, the checkpoint and the attached-policy tag; the next poll is an hour away.
     assert not slow.observe(1, {"m": 1.0}).stop and tracker.polls == 3
-    decision = make_engine(tracker=tracker, stop_poll_seconds=0).observe(1, {"m": 1.0})
-    assert decision.stop and decision.checkpoint and decision.reason == "stop requested"
-    assert tracker.tags["workbench.stopped_at_step"] == "1"
+    assert slow.observe(2, {"m": 1.0}, snapshot=True).by_user  # a snapshot step polls whatever the interval
+    engine = make_engine(tracker=tracker, stop_poll_seconds=0)
+    decision = engine.observe(1, {"m": 1.0})
+    assert decision.stop and decision.checkpoint and decision.reason == "stop requested" and decision.by_user
+    assert engine.ended_by_user and tracker.tags["workbench.stopped_at_step"] == "1"
 
 
 def test_a_checkpoint_request_checkpoints_once_at_the_next_poll():

@@ -81,7 +81,7 @@ def start_run(
         parent_run_id=parent.run_id if parent is not None else None,
     )
     try:
-        tracker.log_params({k: str(v) for k, v in params.items()})
+        tracker.log_params(params)
         if config_yaml is not None:
             tracker.log_text(config_yaml, "config.yaml")
     except BaseException as exc:
