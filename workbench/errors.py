@@ -7,3 +7,9 @@ class WorkbenchError(Exception):
     Messages name the file and field and say what was expected, e.g.
     ``configs/grokking.yaml: task.p: 91 is not prime, but op '/' needs an inverse``.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): errors are said on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

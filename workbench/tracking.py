@@ -18,19 +18,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from workbench import tags as workbench_tags
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` here finds the runs
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's per-request limits (mlflow/utils/validation.py)
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_RETRY_SECONDS = 60.0  # longest wait between two tries of a failing flush
 _JITTER = random.Random()  # its own generator: a failing flush must not move a seeded run's `random` stream
+_SCHEMA_SETTLE_SECONDS = 3.0  # a schema unchanged this long is not being migrated by another process
 _MLFLOW_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 
@@ -79,22 +80,89 @@ def _check_server_reachable(tracking_uri: str) -> None:
 
 def open_store(uri: str | None) -> tuple[Any, str]:
     """(MlflowClient, resolved URI) for a tracking store; a server that is down is a user error in seconds."""
-    from mlflow import MlflowClient
-
     resolved = resolve_tracking_uri(uri)
     _check_server_reachable(resolved)
     try:
         with _schema_lock(resolved):
-            return MlflowClient(resolved), resolved
+            return _client_once_schema_settles(resolved), resolved
     except Exception as exc:  # e.g. a sqlite file that cannot be created
         raise _store_error(resolved, exc) from None
 
 
+def _client_once_schema_settles(uri: str) -> Any:
+    """`MlflowClient(uri)`, never migrating a sqlite file's schema while another process migrates it.
+
+    Opening a store creates or migrates its schema when it is incomplete, and MLflow's own openers (a plain
+    `MlflowClient`, `mlflow ui`, `mlflow server`) take no lock: two openers of a fresh file run the same
+    migrations at once and both fail ('table latest_metrics already exists', 'duplicate column name: step'),
+    which can leave the file half-migrated for good. So a fresh store is built aside and moved into place, and a
+    store whose schema is incomplete is watched (read-only) until the process at work on it is done.
+    """
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        _create_store_aside(db)
+    _wait_for_schema(db)
+    return MlflowClient(uri)
+
+
+def _create_store_aside(db: Path) -> None:
+    """Create a store's schema in a file of this process's own, then link it in as `db` unless another process
+    created `db` meanwhile (a link never replaces a file, so whichever came first stays)."""
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    aside = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    try:
+        MlflowClient(f"sqlite:///{aside}")
+        os.link(aside, db)
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _wait_for_schema(db: Path) -> None:
+    """Return once the file's schema is MLflow's latest, or has not changed for `_SCHEMA_SETTLE_SECONDS` (no one
+    is migrating it: opening it then migrates it, or says why it cannot)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # the head revision this MLflow migrates to
+
+    head = _get_latest_schema_revision()
+    seen, still_since = None, time.monotonic()
+    while (schema := _sqlite_schema_version(db)) is None or schema[1] != head:
+        if schema != seen:
+            seen, still_since = schema, time.monotonic()
+        elif time.monotonic() - still_since > _SCHEMA_SETTLE_SECONDS:
+            return
+        time.sleep(0.05)
+
+
+def _sqlite_schema_version(db: Path) -> tuple[int, str | None] | None:
+    """(sqlite's schema cookie, alembic's revision) of a store file: the cookie changes with every table or
+    column created (https://sqlite.org/pragma.html#pragma_schema_version). None when unreadable."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as connection:
+            cookie = connection.execute("PRAGMA schema_version").fetchone()[0]
+            try:
+                revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            except sqlite3.OperationalError:  # no alembic_version table yet
+                revision = None
+            return cookie, revision[0] if revision else None
+    except sqlite3.Error:
+        return None
+
+
 def _schema_lock(uri: str) -> AbstractContextManager[Any]:
-    """Serialise opening an embedded sqlite store between processes on this machine.
+    """Serialise opening an embedded sqlite store between the workbench's processes on this machine.
 
     Opening creates or migrates the schema (alembic) when needed; runs started at once on a fresh store
     otherwise race to create the same tables and all but one fail ('table alembic_version already exists').
+    Other MLflow clients take no lock: `_client_once_schema_settles` waits those out.
     """
     if not uri.startswith("sqlite:///"):
         return nullcontext()
@@ -106,8 +174,7 @@ def _schema_lock(uri: str) -> AbstractContextManager[Any]:
 
 
 def _store_error(uri: str, exc: Exception) -> WorkbenchError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return WorkbenchError(f"tracking.uri: cannot use tracking store {uri!r}: {first_line}")
+    return WorkbenchError(f"tracking.uri: cannot use tracking store {uri!r}: {first_line(exc)}")
 
 
 def open_run(run_id: str, uri: str | None) -> tuple[Any, Any, str]:
@@ -228,7 +295,7 @@ class Tracker:
             delay = min(_MAX_RETRY_SECONDS, self.flush_seconds * 2**self._failed_flushes)
             self._retry_at = time.monotonic() + delay * _JITTER.uniform(0.5, 1.0)
             if self._failed_flushes == 1:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 print(
                     f"tracking: cannot send metrics to {self.tracking_uri} ({reason}); "
                     f"{len(self._buffer)} values kept, retrying with backoff",

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -80,7 +80,7 @@ def load_pretrained(
             try:
                 local = mlflow.artifacts.download_artifacts(name_or_path, dst_path=tmp, tracking_uri=tracking_uri)
             except Exception as exc:  # MLflow raises several types for a missing run or artifact
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 raise WorkbenchError(f"model.name_or_path: cannot fetch {name_or_path} ({reason})") from None
             return _load_dir(Path(local), name_or_path, head)
     path = Path(name_or_path)
@@ -111,7 +111,7 @@ def _load_dir(path: Path, name: str, head: str) -> tuple[PreTrainedModel, PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"model.name_or_path: {name}: no usable tokenizer ({_first_line(exc)})") from None
+        raise WorkbenchError(f"model.name_or_path: {name}: no usable tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token is None:  # causal LM tokenizers often have none; batches need one
         tokenizer.pad_token = tokenizer.eos_token
     try:
@@ -122,7 +122,7 @@ def _load_dir(path: Path, name: str, head: str) -> tuple[PreTrainedModel, PreTra
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"model.name_or_path: {name}: cannot load the model ({_first_line(exc)})") from None
+        raise WorkbenchError(f"model.name_or_path: {name}: cannot load the model ({first_line(exc)})") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise WorkbenchError(
@@ -130,8 +130,3 @@ def _load_dir(path: Path, name: str, head: str) -> tuple[PreTrainedModel, PreTra
             f"{rows} rows; they do not belong together"
         )
     return model, tokenizer
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

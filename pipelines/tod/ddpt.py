@@ -34,7 +34,7 @@ from torch import nn
 
 from pipelines.tod.env import ActionSpace, StateVectoriser
 from pipelines.tod.policy import MLPPolicy, PolicyOutput
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 
 PARTS = 2  # a description is (intent or feature kind, slot); the domain enters through the match biases
 # Initial logit of every act: p = 0.12, a few acts per turn rather than half of them, so PPO from scratch starts
@@ -128,7 +128,7 @@ def encode_descriptions(path: str, space: DescribedSpace) -> tuple[torch.Tensor,
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise WorkbenchError(f"policy.encoder: {path}: not a transformers model and tokenizer: {reason}") from None
     texts = sorted({part for text in (*space.act_texts, *space.feature_texts) for part in text if part})
     batch = tokenizer(texts, padding=True, return_tensors="pt")
