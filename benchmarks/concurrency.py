@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METRICS_PER_STEP = 5  # train/loss, train/acc, eval/loss, eval/acc, lr: a grokking eval step
+PARAMS = 30  # config keys logged as params at the start
 STOP_POLL_EVERY = 10  # steps between two stop-request polls (the engine polls by time; this is denser)
+TAG_EVERY = 200  # steps between two progress tags
 
 
 def expected_value(writer: int, step: int, metric: int) -> float:
@@ -51,14 +53,14 @@ def write_run(uri: str, writer: int, values: int, flush_seconds: float, start: A
         tags = {"workbench.stage": "concurrency", "writer": str(writer)}
         with Tracker.start(uri, "concurrency", f"writer-{writer}", tags, flush_seconds) as tracker:
             run_id = tracker.run_id
-            tracker.log_params({f"param_{i}": i for i in range(30)})
+            tracker.log_params({f"param_{i}": i for i in range(PARAMS)})
             tracker.log_text(f"writer: {writer}\n", "config.yaml")
             for step in range(values // METRICS_PER_STEP):
                 metrics = {f"m/{m}": expected_value(writer, step, m) for m in range(METRICS_PER_STEP)}
                 tracker.log_metrics(metrics, step)
                 if step % STOP_POLL_EVERY == 0:
                     tracker.get_tag(STOP_REQUESTED)
-                if step % 200 == 0:
+                if step % TAG_EVERY == 0:
                     tracker.set_tags({"workbench.progress": str(step)})
     except Exception as exc:  # counted, not raised: the parent reports every failure
         failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -90,6 +92,7 @@ def measure(writers: int, values: int, flush_seconds: float, directory: Path) ->
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (forked writers start with it imported)
 
     uri = f"sqlite:///{directory / 'mlflow.db'}"
+    load = os.getloadavg()[0]  # other jobs' load on the machine as the trial starts
     # Separate processes with their own sqlite connections either way; fork spares each a ~10 s import.
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     start, queue = context.Barrier(writers + 1), context.Queue()
@@ -115,6 +118,7 @@ def measure(writers: int, values: int, flush_seconds: float, directory: Path) ->
         "failure_messages": sorted({f for r in results for f in r["failures"]}),
         "seconds_per_writer": [round(r["seconds"], 2) for r in results],
         "wall_seconds": round(wall, 2),
+        "load_average": round(load, 1),
     }
 
 
@@ -136,7 +140,7 @@ def main() -> None:
         trials.append(trial)
         print(json.dumps({"repeat": repeat, **trial}))
     summary = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, loaded), Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "writers": args.writers,
         "values_per_writer": args.values,
         "flush_seconds": args.flush_seconds,
@@ -147,28 +151,31 @@ def main() -> None:
     }
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [
-        f"| {i} | {t['values_found']} | {t['lost']} | {t['failures']} | {t['wall_seconds']} s |"
+        f"| {i} | {t['values_found']} | {t['lost']} | {t['failures']} | {t['wall_seconds']} s | {t['load_average']} |"
         for i, t in enumerate(trials)
     ]
+    sent = args.repeats * args.writers * (args.values // METRICS_PER_STEP) * METRICS_PER_STEP
+    messages = sorted({m for t in trials for m in t["failure_messages"]})
+    command = (
+        f"python benchmarks/concurrency.py --writers {args.writers} --values {args.values} "
+        f"--flush-seconds {args.flush_seconds} --repeats {args.repeats}"
+    )
     args.out.with_suffix(".md").write_text(
         "\n".join(
             [
                 f"# {args.writers} concurrent writers x {args.values} metric values, one sqlite store",
                 "",
-                f"`python benchmarks/concurrency.py` on {summary['machine']}. All writers start at once on a fresh "
-                f"store; each starts a run, logs 30 params and config.yaml, then {METRICS_PER_STEP} metrics a step "
-                f"flushed every {args.flush_seconds} s (a stage: 5 s), polls the stop tag every {STOP_POLL_EVERY} "
-                "steps and sets a tag every 200, and finishes. Every value is read back by step and compared.",
+                f"`{command}` on {summary['machine']}. All writers start at once on a fresh store; each starts a "
+                f"run, logs {PARAMS} params and config.yaml, then {METRICS_PER_STEP} metrics a step flushed every "
+                f"{args.flush_seconds} s (a stage: 5 s), polls the stop tag every {STOP_POLL_EVERY} steps and sets "
+                f"a tag every {TAG_EVERY}, and finishes. Every value is read back by step and compared.",
                 "",
-                "| trial | values found | lost | failed calls | wall |",
-                "|---|---|---|---|---|",
+                "| trial | values found | lost | failed calls | wall | load average at start |",
+                "|---|---|---|---|---|---|",
                 *rows,
                 "",
-                "Before `workbench/tracking.py` serialised opening a sqlite store (a file lock) and took a lost race",
-                "to create the experiment, 3 of the 4 writers failed at start on a fresh store ('table alembic_version",
-                "already exists', 'duplicate column name: step'): 15 000 of 20 000 values lost. Once the schema exists",
-                "no 'database is locked' was seen (MLflow sets sqlite's busy_timeout to 20 s); 8 writers x 5 000,",
-                "twice: 0 lost, 0 failed calls.",
+                f"Lost: {summary['lost_total']} of {sent} values; failed calls: {summary['failures_total']}.",
+                *(f"- {m}" for m in messages),
                 "",
             ]
         )

@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+import skdim
 import torch
 from sklearn.datasets import make_swiss_roll
 from sklearn.neighbors import NearestNeighbors
@@ -20,8 +21,6 @@ from sklearn.neighbors import NearestNeighbors
 from analysis import MLE, EffectiveRank, TwoNN, knn_distances
 from analysis.lid import lPCA
 from analysis.spectra import AlphaReQ, ParticipationRatio
-
-skdim = pytest.importorskip("skdim")
 
 ROUND_OFF = 1e-6  # relative agreement required with skdim (same formula, different arithmetic order)
 

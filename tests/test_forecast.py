@@ -128,6 +128,37 @@ def test_reward_hacking_is_proxy_up_while_gold_falls_from_its_peak(gold_trend, f
         assert fired[0].step == 4  # 5 observations; gold 0.6 is 25 % under its 0.8 peak
 
 
+def _memorised_at_10(losses: list[float], weight_norm: list[float]) -> list[tuple[int, dict[str, float]]]:
+    """Steps 0, 10, 20, ...: memorised at 10 (train acc 1, test acc 0.02 throughout), with these series from 10."""
+    run = [(0, {"train/acc": 0.5, "eval/acc": 0.02, "eval/loss": 9.0, "weight_norm": 40.0})]
+    for i, (loss, norm) in enumerate(zip(losses, weight_norm, strict=True)):
+        run.append((10 * (i + 1), {"train/acc": 1.0, "eval/acc": 0.02, "eval/loss": loss, "weight_norm": norm}))
+    return run
+
+
+def test_the_shipped_grokking_forecast_is_test_loss_5_percent_under_its_peak_for_3_evaluations():
+    # Test loss flat at 5.0 from memorisation (step 10), then 4.8 (4 % under the peak) at 30-50, then 4.7 (6 %)
+    # at 60-80: the third 6 % evaluation, step 80, fires. A 4 % threshold would fire at 50, sustain 2 at 70, a
+    # 15 % one never. The weight norm drops 20 % at step 20: a weight-norm rule would fire at 40.
+    losses = [5.0, 5.0, 4.8, 4.8, 4.8, 4.7, 4.7, 4.7]
+    event = _replay(FORECASTERS["grokking_forecast"](), _memorised_at_10(losses, [30.0] + [24.0] * 7))
+    assert event.step == 80
+    # Predicted onset: fire + 2.4 x (fire - memorised) = 80 + 2.4 x 70 = 248.
+    assert event.details == {
+        "signal": "eval/loss",
+        "memorised_step": 10.0,
+        "predicted_onset_step": 248,
+        "moved_from_extreme": 0.06,
+    }
+
+
+def test_the_shipped_grokking_forecast_waits_for_test_loss_under_its_value_at_memorisation():
+    # 4.0 at memorisation, a peak of 5.0, then 4.5 (10 % under the peak, still above 4.0) at 30-50: not yet;
+    # 3.9 at 60-80 is under both, so the third, step 80, fires. Without the clause it would fire at 50.
+    losses = [4.0, 5.0, 4.5, 4.5, 4.5, 3.9, 3.9, 3.9]
+    assert _replay(FORECASTERS["grokking_forecast"](), _memorised_at_10(losses, [30.0] * 8)).step == 80
+
+
 def test_registry_names_are_the_events_they_fire():
     for name, factory in FORECASTERS.items():
         assert factory().name == name

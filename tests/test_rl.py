@@ -4,11 +4,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from pipelines.lm.config import GoldTaskConfig, ModelConfig
 from pipelines.lm.models import build_causal_lm, train_tokenizer
+from pipelines.lm.ppo import response_advantages
 from pipelines.lm.task import ReversalTask
+from pipelines.policy_gradient import approx_kl, clipped_surrogate, clipped_value_loss, gae
+from pipelines.tod.continual import vtrace
 from workbench.cli import main
 from workbench.config import load_config
 
@@ -45,6 +49,76 @@ def saved_model(tmp_path_factory):
     build_causal_lm(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1), tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --- PPO's and V-trace's arithmetic on values worked by hand (gamma = lambda = 0.5 keeps every figure exact) --
+
+
+def test_gae_on_three_steps_bootstraps_the_last_value_and_stops_at_a_termination():
+    rewards, values, next_value = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.5, 1.0, 1.5]), torch.tensor(2.0)
+    # No termination: delta = (1 + .5*1 - .5, 0 + .5*1.5 - 1, 2 + .5*2 - 1.5) = (1, -0.25, 1.5);
+    # A_2 = 1.5, A_1 = -0.25 + .25*1.5 = 0.125, A_0 = 1 + .25*0.125 = 1.03125.
+    running = gae(rewards, values, torch.zeros(3), next_value, 0.5, 0.5)
+    assert running.tolist() == [1.03125, 0.125, 1.5]
+    # The episode ends with step 1 (step 2 starts the next): delta_1 = 0 - 1 = -1 and A_1 = -1 (nothing from
+    # step 2), A_0 = 1 + .25*(-1) = 0.75; step 2 is as before.
+    ended = gae(rewards, values, torch.tensor([0.0, 1.0, 0.0]), next_value, 0.5, 0.5)
+    assert ended.tolist() == [0.75, -1.0, 1.5]
+
+
+def test_lm_response_advantages_end_the_episode_at_the_answers_last_token():
+    # Row 0: a 2-token answer (EOS at token 1), then padding whose value 3.0 must not be bootstrapped; row 1
+    # fills the token limit. The score is the reward at the last token.
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.25, 3.0], [0.5, 0.25, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    # Row 0: A_1 = 1 - 0.25 = 0.75 (nothing bootstrapped past EOS), A_0 = (.5*.25 - .5) + .25*.75 = -0.1875.
+    # Row 1: A_2 = 1 - .5 = 0.5, A_1 = (.5*.5 - .25) + .25*.5 = 0.125, A_0 = (.5*.25 - .5) + .25*.125 = -0.34375.
+    assert response_advantages(rewards, values, mask, 0.5, 0.5).tolist() == [
+        [-0.1875, 0.75, 0.0],
+        [-0.34375, 0.125, 0.5],
+    ]
+
+
+def test_clipped_surrogate_inside_and_outside_the_clip_range():
+    ratio = torch.tensor([1.1, 1.5, 0.5, 1.5, 0.5])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0])
+    # max(-A r, -A clip(r, 0.8, 1.2)): inside, -1.1; A > 0 above 1.2: -1.2 (no gain past the clip); A > 0 below
+    # 0.8: -0.5 (the unclipped, pessimistic term); A < 0 above: 1.5 (unclipped); A < 0 below 0.8: 0.8 (clipped).
+    assert clipped_surrogate(ratio, advantages, 0.2).tolist() == pytest.approx([-1.1, -1.2, -0.5, 1.5, 0.8])
+
+
+def test_clipped_value_loss_gives_no_credit_for_moving_further_than_the_clip():
+    old, returns = torch.tensor(1.0), torch.tensor(2.0)
+    values = torch.tensor([1.1, 1.5, 0.5])
+    # 0.5 max((V - 2)^2, (1 + clip(V - 1, -.2, .2) - 2)^2): V = 1.1 inside: 0.5*0.81; V = 1.5, towards the
+    # return: the clipped 1.2 counts, 0.5*0.64; V = 0.5, away from it: its own 0.5*2.25.
+    assert clipped_value_loss(values, old, returns, 0.2).tolist() == pytest.approx([0.405, 0.32, 1.125])
+
+
+def test_k3_is_never_negative_and_its_mean_under_pi_old_is_the_kl():
+    # (r - 1) - log r at r = 2, 1, 1/2: 1 - ln 2, 0, ln 2 - 0.5.
+    logratio = torch.log(torch.tensor([2.0, 1.0, 0.5]))
+    assert approx_kl(logratio).tolist() == pytest.approx([0.306853, 0.0, 0.193147], abs=1e-6)
+    # pi_old = Bernoulli(0.5), pi = Bernoulli(0.25): r = 0.5 at x = 1, 1.5 at x = 0. E_old[k3] =
+    # 0.5 (ln 2 - 0.5) + 0.5 (0.5 - ln 1.5) = 0.5 ln(4/3) = KL(pi_old || pi) = 0.5 ln 2 + 0.5 ln(2/3) = 0.143841.
+    estimate = approx_kl(torch.log(torch.tensor([0.5, 1.5]))).mean()
+    assert estimate.item() == pytest.approx(0.143841, abs=1e-6)
+
+
+def test_vtrace_truncates_rho_and_c_on_a_two_step_trajectory():
+    # pi/mu = 2 then 0.5, rho_bar = 1.5, lambda = 0.5: rho = (1.5, 0.5), c = lambda min(1, pi/mu) = (0.5, 0.25).
+    # Row 0 runs on (bootstrap V = 4): delta_1 = 0.5 (2 + .5*4 - 2) = 1, delta_0 = 1.5 (1 + .5*2 - 1) = 1.5;
+    # v_1 = 2 + 1 = 3, v_0 = 1 + 1.5 + gamma c_0 delta_1 = 1 + 1.5 + .5*.5*1 = 2.75;
+    # advantages rho (r + gamma v_next - V): 1.5 (1 + .5*3 - 1) = 2.25 and 0.5 (2 + .5*4 - 2) = 1.
+    # Row 1 ends with step 0 and has r_0 = 2: delta_0 = 1.5 (2 - 1) = 1.5, v_0 = 2.5, its advantage 1.5.
+    log_rhos = torch.log(torch.tensor([[2.0, 0.5], [2.0, 0.5]]))
+    rewards = torch.tensor([[1.0, 2.0], [2.0, 2.0]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    values, bootstrap = torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.tensor([4.0, 4.0])
+    vs, advantages = vtrace(log_rhos, rewards, dones, values, bootstrap, 0.5, 0.5, 1.5)
+    assert vs.tolist() == [pytest.approx([2.75, 3.0]), pytest.approx([2.5, 3.0])]
+    assert advantages.tolist() == [pytest.approx([2.25, 1.0]), pytest.approx([1.5, 1.0])]
 
 
 def run_stage(tracking_uri, config, *overrides, exit_code=0):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ripser import ripser
 from scipy.spatial.distance import cdist
 
 from analysis.tda import PersistentHomology, maxmin_landmarks
-
-ripser = pytest.importorskip("ripser").ripser
 
 FEATURES = {"tda_h0_total", "tda_h1_total", "tda_h1_count", "tda_h1_max", "tda_h0_entropy", "tda_h1_entropy"}
 

@@ -12,7 +12,8 @@ the loop is written here in the CleanRL spirit (`cleanrl/ppo.py`), one update pe
    delta_{t+l}, bootstrapping the value only if not done (after EOS the episode has ended: V = 0).
 4. `ppo_epochs` passes over `minibatches` minibatches: clipped surrogate (PPO eq. 7) on whitened advantages,
    clipped value loss, entropy bonus `entropy_coef`; approx-KL is the k3 estimator (ratio - 1) - log ratio
-   (Schulman, "Approximating KL divergence", 2020), as CleanRL logs it.
+   (Schulman, "Approximating KL divergence", 2020), as CleanRL logs it. These pieces live in
+   `pipelines/policy_gradient.py`, shared with the dialogue PPO.
 
 The value head is a linear layer on the policy's last hidden state (as TRL's former
 `AutoModelForCausalLMWithValueHead`), trained on detached features so the value loss leaves the policy as it
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from pipelines.lm import supervised
 from pipelines.lm.config import PPOStageConfig
 from pipelines.lm.rl import RewardFunction, gold_check, reward_function, start
+from pipelines.policy_gradient import approx_kl, clipped_surrogate, clipped_value_loss, gae
 from workbench import tags
 from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
 from workbench.callback import probe_set_from_rows
@@ -206,16 +208,7 @@ def collect_rollout(
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(prompts)), last] += score
 
-    # GAE, bootstrapping V(s_{t+1}) only if not done (CleanRL's `nextnonterminal`).
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros(len(prompts), device=device)
-    length = rewards.shape[1]
-    for t in reversed(range(length)):
-        nextnonterminal = mask[:, t + 1] if t + 1 < length else torch.zeros_like(lastgaelam)
-        nextvalues = values[:, t + 1] if t + 1 < length else torch.zeros_like(lastgaelam)
-        delta = rewards[:, t] + config.gamma * nextvalues * nextnonterminal - values[:, t]
-        lastgaelam = delta + config.gamma * config.lam * nextnonterminal * lastgaelam
-        advantages[:, t] = lastgaelam * mask[:, t]
+    advantages = response_advantages(rewards, values, mask, config.gamma, config.lam)
     returns = advantages + values
 
     tokens = mask.sum()
@@ -254,10 +247,9 @@ def update(
             logratio = logprobs - rollout.logprobs[idx]
             ratio = logratio.exp()
             advantages = rollout.advantages[idx]
-            pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps))  # PPO eq. 7
+            pg_loss = clipped_surrogate(ratio, advantages, eps)
             old_values = rollout.values[idx]
-            clipped = old_values + (values - old_values).clamp(-eps, eps)
-            vf_loss = 0.5 * torch.max((values - rollout.returns[idx]) ** 2, (clipped - rollout.returns[idx]) ** 2)
+            vf_loss = clipped_value_loss(values, old_values, rollout.returns[idx], eps)
             pg_loss, vf_loss = (pg_loss * mask).sum() / tokens, (vf_loss * mask).sum() / tokens
             entropy_avg = (entropy * mask).sum() / tokens
             loss = pg_loss - config.entropy_coef * entropy_avg + config.vf_coef * vf_loss
@@ -268,13 +260,22 @@ def update(
             optimizer.step()
 
             with torch.no_grad():
-                stats["policy/approxkl_avg"].append(_masked_mean((ratio - 1) - logratio, mask))
+                stats["policy/approxkl_avg"].append(_masked_mean(approx_kl(logratio), mask))
                 stats["policy/clipfrac_avg"].append(_masked_mean(((ratio - 1).abs() > eps).float(), mask))
                 stats["val/clipfrac_avg"].append(_masked_mean(((values - old_values).abs() > eps).float(), mask))
                 stats["loss/policy_avg"].append(pg_loss.item())
                 stats["loss/value_avg"].append(vf_loss.item())
                 stats["policy/entropy_avg"].append(entropy_avg.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def response_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """GAE per response token `[B, response]`: the episode ends at the answer's last token (its first EOS, or
+    the token limit), so nothing is bootstrapped past it; 0 on the padding after it."""
+    dones = torch.cat([1.0 - mask[:, 1:], torch.ones_like(mask[:, :1])], 1)
+    return gae(rewards, values, dones, torch.zeros_like(values[:, 0]), gamma, lam) * mask
 
 
 def _token_logprobs(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.distributions import Bernoulli
 
+from pipelines.policy_gradient import approx_kl, clipped_surrogate, gae
 from pipelines.tod.config import TODPPOSettings
 from pipelines.tod.data import Goal
 from pipelines.tod.env import DialogueEnv
@@ -68,18 +69,11 @@ class PPO:
                     state = env.reset(self.sample_goal())
                 self.states[e] = state
 
-        # GAE: delta_t = r_t + gamma V(s_t+1) (1 - done_t) - V(s_t); A_t = delta_t + gamma lambda (1 - done_t) A_t+1
         next_obs = self._observe()
         with torch.no_grad():
             next_value = self.value(next_obs)
-        advantages = torch.zeros_like(rewards)
-        last = torch.zeros(n_envs)
-        for t in reversed(range(args.num_steps)):
-            following = next_value if t == args.num_steps - 1 else values[t + 1]
-            nonterminal = 1.0 - dones[t]
-            delta = rewards[t] + args.gamma * following * nonterminal - values[t]
-            last = delta + args.gamma * args.gae_lambda * nonterminal * last
-            advantages[t] = last
+        # [num_steps, num_envs]: time is the first dim here, the last for gae
+        advantages = gae(rewards.T, values.T, dones.T, next_value, args.gamma, args.gae_lambda).T
         returns = advantages + values
 
         self.store({"obs": obs, "actions": actions, "logprobs": logprobs, "rewards": rewards, "dones": dones}, next_obs)
@@ -126,12 +120,12 @@ class PPO:
                 dist = Bernoulli(logits=self.policy(obs[rows]).logits)
                 logratio = dist.log_prob(actions[rows]).sum(-1) - old_logprobs[rows]
                 ratio = logratio.exp()
-                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
-                    kls.append(((ratio - 1) - logratio).mean().item())
+                with torch.no_grad():
+                    kls.append(approx_kl(logratio).mean().item())
                     clipped.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
                 adv = advantages[rows]
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                pg_loss = clipped_surrogate(ratio, adv, args.clip_coef).mean()
                 entropy = dist.entropy().sum(-1).mean()
                 v_loss = 0.5 * (self.value(obs[rows]) - returns[rows]).pow(2).mean()
                 loss = pg_loss - args.ent_coef * entropy + v_loss + self.auxiliary_loss()
