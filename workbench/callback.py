@@ -7,7 +7,11 @@ One object added to `transformers.Trainer(callbacks=[...])` or any TRL trainer b
   `output_hidden_states=True` and `Instrument` writes a snapshot and logs `geom/<feature>/layer_<i>`;
 - the trainer's own logs go to the same MLflow run under the workbench's names (`loss` -> `train/loss`,
   `eval_loss` -> `eval/loss`, `learning_rate` -> `lr`, `eval_<x>` -> `eval/<x>`), TRL's keys as they are;
-- only the main process (rank 0) snapshots and logs.
+- only the main process (rank 0) snapshots and logs;
+- instrumentation never ends training: an error in the callback's own work (probes, hidden states, geometry,
+  policies, logging) becomes one alert (stderr, and `event/callback_<part>` with its tag in the run) and that
+  part stops while training goes on; `strict=True` raises it instead. Settings are checked when the callback is
+  made, before training, and a store that cannot be used is refused at `on_train_begin`.
 
 transformers' own `MLflowCallback` would open a second run for the same training, so the callback refuses
 to run next to it: set `report_to="none"` (transformers' default since v5) or leave "mlflow" out of it.
@@ -16,10 +20,11 @@ to run next to it: set `report_to="none"` (transformers' default since v5) or le
 from __future__ import annotations
 
 import atexit
+import itertools
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from transformers import TrainerCallback
 
@@ -31,10 +36,10 @@ from workbench.config import (
     TrackingConfig,
     load_callback_config,
 )
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.instrument import Instrument
 from workbench.launch import base_tags, start_run
-from workbench.policies import PolicyEngine, load_rules
+from workbench.policies import PolicyEngine, load_rules, log_alert
 from workbench.runtime import broadcast_flags, distributed
 from workbench.snapshots import ProbeSet, choose_probe_ids
 
@@ -50,6 +55,7 @@ RENAMED_KEYS = {
     "learning_rate": "lr",
     "train_loss": "train/mean_loss",  # the mean over the whole run, logged once at the end
 }
+T = TypeVar("T")
 PROBE_MAX_TOKENS = 128  # longer probes are truncated: snapshots are about geometry, not long contexts
 
 
@@ -81,6 +87,7 @@ class WorkbenchCallback(TrainerCallback):
         policies: early-stop rules (or a YAML file of them, relative to `policy_dir`), validated here; the
             engine sees every logged value and every snapshot's geometry, and its decision sets
             `control.should_training_stop` (stop) and `control.should_save` (checkpoint).
+        strict: raise errors in the callback's own work instead of alerting and going on without that part.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class WorkbenchCallback(TrainerCallback):
         seed: int = 0,
         policies: Sequence[Mapping[str, Any]] | str | Path = (),
         policy_dir: Path | None = None,
+        strict: bool = False,
     ) -> None:
         self.snapshot = snapshot or CallbackSnapshotConfig()
         self.tracking = tracking or TrackingConfig()
@@ -102,6 +110,8 @@ class WorkbenchCallback(TrainerCallback):
         self.rules = load_rules(policies if policies else [], "policies", policy_dir)  # a bad rule fails here
         self.instrument: Instrument | None = None
         self.engine: PolicyEngine | None = None
+        self.strict = strict
+        self.disabled: dict[str, str] = {}  # part -> why it stopped: snapshots, policies, logging
         self._save_pending = self._stop_pending = False
         self._owns_run = tracker is None
 
@@ -110,6 +120,7 @@ class WorkbenchCallback(TrainerCallback):
         """From a YAML file or a dict with the keys a stage config has: `seed`, `snapshot`, `tracking`, `policies`."""
         config: CallbackConfig = load_callback_config(source)
         policy_dir = None if isinstance(source, Mapping) else Path(source).parent
+        kwargs.setdefault("strict", config.strict)
         return cls(
             config.snapshot,
             config.tracking,
@@ -134,14 +145,11 @@ class WorkbenchCallback(TrainerCallback):
             self.tracker = self._start_run(args, kwargs["model"])
             # Callbacks hear of no exception: a run whose training dies is ended at exit, FAILED, its logs kept.
             atexit.register(self._end_abandoned_run)
-        device = next(kwargs["model"].parameters()).device
-        rows = _dataset(kwargs.get("eval_dataloader"))
-        rows = _dataset(kwargs.get("train_dataloader")) if rows is None else rows
-        probe = self._probe_set(kwargs.get("processing_class"), rows).to(str(device))
-        self.instrument = Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
+        step = state.global_step
         # An engine even without rules, as in the workbench's own loops: forecasters run, `workbench stop` works.
-        self.engine = PolicyEngine(self.rules, tracker=self.tracker)
-        self._snapshot(kwargs["model"], state.global_step)  # a decision at step 0 is acted on after the first step
+        self.engine = self._guard("policies", step, lambda: PolicyEngine(self.rules, tracker=self.tracker))
+        self.instrument = self._guard("snapshots", step, lambda: self._start_instrument(kwargs))
+        self._snapshot(kwargs["model"], step)  # a decision at step 0 is acted on after the first step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.instrument is not None:
@@ -163,7 +171,7 @@ class WorkbenchCallback(TrainerCallback):
             for key, value in logs.items()
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
-        self.tracker.log_metrics(metrics, state.global_step)
+        self._guard("logging", state.global_step, lambda: self.tracker.log_metrics(metrics, state.global_step))
         self._observe(state.global_step, metrics)
         self._act(control)
 
@@ -173,13 +181,14 @@ class WorkbenchCallback(TrainerCallback):
         if self.tracker is None or not state.is_world_process_zero:
             return
         if self.engine is not None:
-            self.engine.finish()
+            self._guard("policies", state.global_step, self.engine.finish)
         if self._owns_run:
             atexit.unregister(self._end_abandoned_run)
-            self.tracker.finish("KILLED" if self.ended_by_user else "FINISHED")
+            status = "KILLED" if self.ended_by_user else "FINISHED"
+            self._guard("logging", state.global_step, lambda: self.tracker.finish(status))
             self.tracker = None
         else:
-            self.tracker.flush()
+            self._guard("logging", state.global_step, self.tracker.flush)
 
     @property
     def ended_by_user(self) -> bool:
@@ -201,15 +210,50 @@ class WorkbenchCallback(TrainerCallback):
         # Only rank 0 gets here (on_train_begin): the other ranks neither open nor write the run.
         return start_run(self.tracking, run_tags, {**params, "seed": self.seed}, every_rank=False)
 
+    def _start_instrument(self, trainer_kwargs: Mapping[str, Any]) -> Instrument:
+        rows = _dataset(trainer_kwargs.get("eval_dataloader"))
+        rows = _dataset(trainer_kwargs.get("train_dataloader")) if rows is None else rows
+        device = next(trainer_kwargs["model"].parameters()).device
+        probe = self._probe_set(trainer_kwargs.get("processing_class"), rows).to(str(device))
+        return Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
+
     def _snapshot(self, model: Any, step: int) -> None:
-        if self.instrument.due(step):
-            self._observe(step, self.instrument(_unwrap(model), step), snapshot=True)
+        if self.instrument is not None and self.instrument.due(step):
+            metrics = self._guard("snapshots", step, lambda: self.instrument(_unwrap(model), step))
+            if metrics is not None:
+                self._observe(step, metrics, snapshot=True)
 
     def _observe(self, step: int, metrics: Mapping[str, float], snapshot: bool = False) -> None:
         if self.engine is not None and (metrics or snapshot):
-            decision = self.engine.observe(step, metrics, snapshot=snapshot)
-            self._save_pending |= decision.checkpoint
-            self._stop_pending |= decision.stop
+            decision = self._guard("policies", step, lambda: self.engine.observe(step, metrics, snapshot=snapshot))
+            if decision is not None:
+                self._save_pending |= decision.checkpoint
+                self._stop_pending |= decision.stop
+
+    def _guard(self, part: str, step: int, work: Callable[[], T]) -> T | None:
+        """`work()` of the callback's `part`; an error in it stops that part, with one alert, and training goes on
+        (with `strict`, it is raised). Returns None once the part has stopped."""
+        if part in self.disabled:
+            return None
+        try:
+            return work()
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._disable(part, step, exc)
+            return None
+
+    def _disable(self, part: str, step: int, exc: Exception) -> None:
+        why = first_line(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {first_line(exc)}"
+        self.disabled[part] = why
+        message = f"{part} stopped at step {step}, training goes on: {why}"
+        print(f"WorkbenchCallback: {message} (strict=True raises instead)", file=sys.stderr)
+        if part == "snapshots":
+            self.instrument = None
+        elif part == "policies":
+            self.engine = None
+        if part != "logging" and self.tracker is not None:  # a store that fails to log fails this too
+            self._guard("logging", step, lambda: log_alert(self.tracker, step, f"callback_{part}", message))
 
     def _act(self, control: TrainerControl, every_rank: bool = False) -> None:
         """The engine's decisions as the trainer's own flags, at events after which the trainer reads them:
@@ -233,7 +277,7 @@ class WorkbenchCallback(TrainerCallback):
         rows = self.probes
         if rows is None:
             if trainer_rows is None:
-                raise WorkbenchError("WorkbenchCallback: the trainer handed no dataset for probes: pass probes=")
+                raise WorkbenchError("no probes: the trainer handed the callback no dataset; pass probes=")
             print(
                 "WorkbenchCallback: probes sampled from the trainer's dataloader's rows; pass probes=<eval dataset> to "
                 "probe held-out rows",
@@ -266,19 +310,18 @@ def _dataset(dataloader: Any) -> Any:
     return getattr(dataloader, "dataset", None) if dataloader is not None else None
 
 
-def probe_set_from_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, n_probes: int, seed: int) -> ProbeSet:
-    """A seeded sample of dataset rows as a padded probe batch.
+def probe_set_from_rows(rows: Iterable[Any], tokenizer: Any, n_probes: int, seed: int) -> ProbeSet:
+    """A seeded sample of dataset rows as a padded probe batch (of an iterable dataset: its first `n_probes`).
 
     Rows may be tokenized the way each trainer leaves them (`input_ids`: Trainer/SFT; `prompt_ids` +
-    `chosen_ids`: DPO; `chosen_ids`: reward model) or raw text in TRL's formats. The answer position (for
-    `answer` pooling) is the last prompt token, where rows have a prompt.
+    `chosen_ids`: DPO; `chosen_ids`: reward model), items of a `torch.utils.data.Dataset` (dicts of tensors, or
+    tuples whose first item is the token ids), or raw text in TRL's formats. The answer position (for `answer`
+    pooling) is the last prompt token, where rows have a prompt.
     """
     import torch
 
-    if rows is None or len(rows) == 0:
-        raise WorkbenchError("snapshot.probes: the dataset to take probes from is empty")
-    ids = choose_probe_ids(range(len(rows)), n_probes, seed)
-    encoded = [_encode_row(rows[i], tokenizer) for i in ids]
+    ids, picked = _sample_rows(rows, n_probes, seed)
+    encoded = [_encode_row(row, tokenizer) for row in picked]
     tokens = [t[:PROBE_MAX_TOKENS] for t, _ in encoded]
     prompt_lengths = [p for _, p in encoded]
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -294,30 +337,89 @@ def probe_set_from_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, n_pro
     return ProbeSet(ids=ids, input_ids=input_ids, attention_mask=attention_mask, answer_positions=answer_positions)
 
 
-def _encode_row(row: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], int | None]:
+def _sample_rows(rows: Iterable[Any], n_probes: int, seed: int) -> tuple[list[int], list[Any]]:
+    """(row numbers, rows): a seeded sample of a sized dataset, else the first `n_probes` rows of the stream."""
+    try:
+        size = len(rows)
+    except TypeError:  # an IterableDataset (torch or HF datasets): no length, no random access
+        picked = list(itertools.islice(iter(rows), n_probes))
+        ids = list(range(len(picked)))
+    else:
+        ids = choose_probe_ids(range(size), n_probes, seed)
+        picked = [rows[i] for i in ids]
+    if not picked:
+        raise WorkbenchError("snapshot.probes: the dataset to take probes from is empty")
+    return ids, picked
+
+
+def _encode_row(row: Any, tokenizer: Any) -> tuple[list[int], int | None]:
     """(token ids, prompt length or None) of one row, whichever format it is in."""
-    if "input_ids" in row:  # SFTTrainer masks the prompt out of the labels: the answer starts at the first label
-        kept = [label != -100 for label in row.get("labels") or []]
-        return list(row["input_ids"]), (kept.index(True) if True in kept else None)
+    if isinstance(row, tuple | list):  # a TensorDataset-style item: (input_ids, ...); the rest is not guessed at
+        return _token_ids(row[0], "item[0]"), None
+    if not isinstance(row, Mapping):
+        raise WorkbenchError(
+            f"snapshot.probes: a row is a {type(row).__name__}; expected a mapping of columns or a tuple whose first "
+            "item is token ids"
+        )
+    if "input_ids" in row:
+        return _unpadded(row)
     if "prompt_ids" in row and "chosen_ids" in row:
-        return list(row["prompt_ids"]) + list(row["chosen_ids"]), len(row["prompt_ids"])
+        prompt = _token_ids(row["prompt_ids"], "prompt_ids")
+        return prompt + _token_ids(row["chosen_ids"], "chosen_ids"), len(prompt)
     if "chosen_ids" in row:
-        return list(row["chosen_ids"]), None
+        return _token_ids(row["chosen_ids"], "chosen_ids"), None
+    if not {"text", "messages", "prompt"} & set(row):
+        raise WorkbenchError(
+            f"snapshot.probes: rows have columns {sorted(row)}; expected input_ids, prompt_ids+chosen_ids, "
+            "chosen_ids, text, messages or prompt"
+        )
     if tokenizer is None:
         raise WorkbenchError("snapshot.probes: text rows need the trainer's tokenizer (processing_class)")
     if "text" in row:
         return _tokenize(tokenizer, row["text"]), None
     if "messages" in row:
         return _tokenize(tokenizer, row["messages"]), None
-    if "prompt" in row:
-        answer = row.get("completion", row.get("chosen", ""))
-        prompt = _tokenize(tokenizer, row["prompt"])
-        # Strings concatenate, and so do conversational prompt/answer lists of messages.
-        return _tokenize(tokenizer, row["prompt"] + answer), len(prompt)
-    raise WorkbenchError(
-        f"snapshot.probes: rows have columns {sorted(row)}; expected input_ids, prompt_ids+chosen_ids, chosen_ids, "
-        "text, messages or prompt"
-    )
+    answer = row.get("completion", row.get("chosen", ""))
+    prompt = _tokenize(tokenizer, row["prompt"])
+    # Strings concatenate, and so do conversational prompt/answer lists of messages.
+    return _tokenize(tokenizer, row["prompt"] + answer), len(prompt)
+
+
+def _unpadded(row: Mapping[str, Any]) -> tuple[list[int], int | None]:
+    """A tokenized row without its padding (where `attention_mask` is 0). Where `labels` mask the prompt with
+    -100, as SFT collators do, the answer starts at the first kept label."""
+    ids = _token_ids(row["input_ids"], "input_ids")
+    mask = row.get("attention_mask")
+    keep = [bool(m) for m in _token_ids(mask, "attention_mask")] if mask is not None else [True] * len(ids)
+    labels = row.get("labels")
+    labels = _token_ids(labels, "labels") if labels is not None and _is_sequence(labels) else None
+    if len(keep) != len(ids) or (labels is not None and len(labels) != len(ids)):
+        raise WorkbenchError("snapshot.probes: a row's input_ids, attention_mask and labels differ in length")
+    tokens = [t for t, k in zip(ids, keep, strict=True) if k]
+    if not tokens:
+        raise WorkbenchError("snapshot.probes: a row's attention_mask keeps no token")
+    if labels is None:
+        return tokens, None
+    answer = [label != -100 for label, k in zip(labels, keep, strict=True) if k]
+    return tokens, (answer.index(True) if True in answer else None)
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list or a tensor/array of at least one dimension (a class label is a scalar)."""
+    return isinstance(value, list | tuple) or getattr(value, "ndim", 0) >= 1
+
+
+def _token_ids(value: Any, column: str) -> list[int]:
+    """Token ids as a list of ints: from a list, a 1-D tensor or array, or a (1, length) one as tokenizers
+    return with `return_tensors`."""
+    values = value.tolist() if hasattr(value, "tolist") else list(value)
+    if values and isinstance(values[0], list):
+        if len(values) != 1:
+            raise WorkbenchError(f"snapshot.probes: {column} has {len(values)} sequences in one row; expected one")
+        values = values[0]
+    if not values:
+        raise WorkbenchError(f"snapshot.probes: a row's {column} is empty")
+    return [int(v) for v in values]
 
 
 def _tokenize(tokenizer: Any, content: str | list[dict[str, str]]) -> list[int]:

@@ -114,6 +114,11 @@ class CallbackConfig(Strict):
     snapshot: CallbackSnapshotConfig = CallbackSnapshotConfig()
     tracking: TrackingConfig = TrackingConfig()
     policies: list[dict[str, Any]] | str = Field([], description="Early-stop policy rules, or a path to a YAML file.")
+    strict: bool = Field(
+        False,
+        description="Raise an error in the callback's own work (probes, snapshots, policies, logging) and so end "
+        "training; by default it becomes one alert, that part of the callback stops and training goes on.",
+    )
 
 
 def load_callback_config(source: str | Path | Mapping[str, Any]) -> CallbackConfig:

@@ -8,7 +8,7 @@
 docs/policies.md describes every knob.
 """
 
-from workbench.policies.engine import Decision, Firing, PolicyEngine
+from workbench.policies.engine import Decision, Firing, PolicyEngine, log_alert
 from workbench.policies.requests import STOP_POLL_SECONDS, attach_policy, request_checkpoint, request_stop
 from workbench.policies.rules import ACTIONS, Condition, Rule, attach_policies, load_rules, parse_policy
 
@@ -23,6 +23,7 @@ __all__ = [
     "attach_policies",
     "attach_policy",
     "load_rules",
+    "log_alert",
     "parse_policy",
     "request_checkpoint",
     "request_stop",

@@ -233,9 +233,7 @@ class PolicyEngine:
     def _alert(self, step: int, name: str, message: str, decision: Decision) -> None:
         self._record(step, "alert", name, message, decision)
         if self.tracker is not None:
-            self.tracker.log_metrics({metric_key(f"event/{name}"): 1.0}, step)
-            alert = json.dumps({"step": step, "message": message})
-            self.tracker.set_tags({tags.ALERT_PREFIX + metric_key(name): alert})
+            log_alert(self.tracker, step, name, message)
 
     def _disable(self, state: _RuleState, step: int, why: str, decision: Decision) -> None:
         state.disabled = True
@@ -322,3 +320,9 @@ class PolicyEngine:
 
 def _group(key: str) -> str:
     return key.rpartition("/")[0]
+
+
+def log_alert(tracker: Tracker, step: int, name: str, message: str) -> None:
+    """An alert as runs keep it: `event/<name>` at its step, and the latest one's message in a tag."""
+    tracker.log_metrics({metric_key(f"event/{name}"): 1.0}, step)
+    tracker.set_tags({tags.ALERT_PREFIX + metric_key(name): json.dumps({"step": step, "message": message})})
