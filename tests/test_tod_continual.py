@@ -6,6 +6,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from pipelines.policy_gradient import gae
 from pipelines.tod.config import ClearConfig, TODPPOSettings
 from pipelines.tod.continual import ClearPPO, ReservoirBuffer, continual_metrics, vtrace
 from pipelines.tod.data import DomainGoal, Goal, load_dataset
@@ -113,13 +114,8 @@ def test_vtrace_is_the_gae_return_on_policy_and_truncates_the_importance_weight_
     dones[0, 2] = dones[1, 7] = 1.0
     gamma, lam = 0.99, 0.95
     vs, adv = vtrace(torch.zeros(3, 8), rewards, dones, values, bootstrap, gamma, lam, 1.0)
-    gae, last = torch.zeros(3, 8), torch.zeros(3)  # PPO's GAE recursion (ppo.py)
-    for t in reversed(range(8)):
-        following = bootstrap if t == 7 else values[:, t + 1]
-        delta = rewards[:, t] + gamma * following * (1 - dones[:, t]) - values[:, t]
-        last = delta + gamma * lam * (1 - dones[:, t]) * last
-        gae[:, t] = last
-    assert torch.allclose(vs, values + gae, atol=1e-5)
+    advantages = gae(rewards, values, dones, bootstrap, gamma, lam)  # PPO's GAE, itself tested on known values
+    assert torch.allclose(vs, values + advantages, atol=1e-5)
     # One step: v_s = V + min(rho_bar, pi/mu) (r + gamma V' - V); an act pi no longer takes corrects nothing.
     r, v, boot = torch.tensor([[1.0], [1.0]]), torch.tensor([[0.5], [0.5]]), torch.tensor([2.0, 2.0])
     vs, adv = vtrace(torch.tensor([[np.log(3.0)], [-1e9]]), r, torch.zeros(2, 1), v, boot, 0.9, 1.0, 2.0)
