@@ -115,9 +115,12 @@ def _create_store_aside(db: Path) -> None:
     from mlflow import MlflowClient
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    aside = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    # A new name each time, and absolute: MLflow keeps the store of each URI it has opened in this process.
+    handle, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".creating", dir=db.parent.resolve())
+    os.close(handle)
+    aside = Path(name)
     try:
-        MlflowClient(f"sqlite:///{aside}")
+        MlflowClient(f"sqlite:///{aside}")  # an empty file is a new sqlite database
         os.link(aside, db)
     except FileExistsError:
         pass
