@@ -29,6 +29,8 @@ from streamlit.delta_generator import DeltaGenerator
 from workbench.backtest import backtest_run, runs_landmarks, unlogged_metrics
 from workbench.config import load_config
 from workbench.errors import WorkbenchError
+from workbench.figures import curves, heatmap, layer_lines, run_label
+from workbench.frames import long_frame
 from workbench.policies import (
     STOP_POLL_SECONDS,
     attach_policies,
@@ -100,12 +102,6 @@ def cached_snapshots(uri: str, run_id: str, fresh: str) -> Snapshots:  # arrays 
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def run_label(row: dict) -> str:
-    """'chain › stage name (id, STATUS)': a nested stage under its chain run."""
-    chain = f"{row['chain']} › " if row["chain"] else ""
-    return f"{chain}{row['name'] or row['run_id'][:8]} ({row['run_id'][:8]}, {row['status']})"
-
-
 def chain_order(rows: list[dict]) -> list[dict]:
     """Runs newest first, each chain's stages right after the chain run, in stage order."""
     children: dict[str, list[dict]] = {}
@@ -132,23 +128,6 @@ def pick_runs(uri: str, rows: list[dict], label: str, default: list[str], key: s
     chosen = [i for i in asked if i in by_id] or default
     ids = [r["run_id"] for r in chain_order(rows)]
     return st.multiselect(label, ids, default=chosen, format_func=lambda i: run_label(by_id[i]), key=key)
-
-
-def marker_layout(marks: list[tuple[int, str]]) -> dict[str, list[dict]]:
-    """Layout shapes and annotations: a dotted vertical line and a label at each step, set at once (`add_vline`
-    costs ~30 ms a line)."""
-    line = {"type": "line", "xref": "x", "yref": "y domain", "y0": 0, "y1": 1, "line": {"dash": "dot"}}
-    label = {"xref": "x", "yref": "y domain", "y": 1, "showarrow": False, "textangle": -90, "yanchor": "top"}
-    return {
-        "shapes": [{**line, "x0": step, "x1": step} for step, _ in marks],
-        "annotations": [{**label, "x": step, "text": text, "font": {"size": 10}} for step, text in marks],
-    }
-
-
-def long_frame(histories: dict[str, tuple[list, list]], **columns: str) -> pd.DataFrame:
-    parts = [pd.DataFrame({"metric": key, "step": s, "value": v}) for key, (s, v) in histories.items()]
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["metric", "step", "value"])
-    return frame.assign(**columns)
 
 
 # --- pages ------------------------------------------------------------------------------------------------
@@ -199,96 +178,40 @@ def page_compare(uri: str, rows: list[dict]) -> None:
     if not metrics:
         st.info("Pick one or more metrics (geometry series are on the Geometry page).")
         return
-    frames = []
+    runs = []
     for run_id in chosen:
         histories = {}
         for metric in metrics:  # a prefix read: keep the exact key only
             found = cached_histories(uri, by_id[run_id], metric, freshness(by_id[run_id]))
             histories |= {k: v for k, v in found.items() if k == metric}
-        frames.append(long_frame(histories, run=run_label(by_id[run_id])))
-    frame = pd.concat(frames, ignore_index=True)
-    figure = px.line(frame, x="step", y="value", color="run", facet_row="metric", markers=len(frame) < 200)
-    figure.update_yaxes(matches=None, title_text="")
-    figure.for_each_annotation(lambda a: a.update(text=a.text.removeprefix("metric=")))
-    figure.update_layout(height=max(320, 260 * len(metrics)), legend={"orientation": "h", "y": -0.15})
-    st.plotly_chart(figure, key="compare-chart")
+        runs.append((run_label(by_id[run_id]), histories, []))
+    st.plotly_chart(curves(runs, metrics), key="compare-chart")
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def heatmap(key: tuple[str, tuple], feature: str, _runs: list[tuple[dict, dict, list]]) -> go.Figure:
-    """Layer x step heatmaps of one feature, the runs stacked in one heatmap trace on one colour scale: a band of
-    rows per run (a layer a row) under a blank row naming the run, each run's landmarks marked across its band.
-
-    One trace, not a subplot per run: plotly.js draws it in a fraction of the time of 20 subplots (docs/app.md,
-    "Speed"). Cached under `key` (the store, (run id, freshness) pairs), which names the runs `_runs` (row,
+def cached_heatmap(key: tuple[str, tuple], feature: str, _runs: list[tuple[dict, dict, list]]) -> go.Figure:
+    """`heatmap` cached under `key` (the store, (run id, freshness) pairs), which names the runs `_runs` (row,
     histories, marks) holds: building the figure costs more than reading the data."""
-    steps = sorted({step for _, histories, _ in _runs for s, _ in histories.values() for step in s})
-    column = {step: i for i, step in enumerate(steps)}
-    bands, rows, ticks, shapes, labels = [], [], [], [], []
-    for row, histories, marks in _runs:
-        keys = sorted(histories)
-        title = f"{run_label(row)}: {len(keys)} layers × {len({x for s, _ in histories.values() for x in s})} snapshots"
-        top = len(rows)
-        rows += [title, *(f"{key.rsplit('/', 1)[1]} · {row['run_id'][:8]}" for key in keys)]
-        ticks += [f"<b>{title}</b>", *(key.rsplit("/", 1)[1] for key in keys)]
-        z = np.full((len(keys) + 1, len(steps)), np.nan, dtype=np.float32)  # the title row stays blank
-        for i, key in enumerate(keys, start=1):
-            s, v = histories[key]
-            z[i, [column[x] for x in s]] = v
-        bands.append(z)
-        line = {"type": "line", "xref": "x", "yref": "y", "y0": top + 0.5, "y1": len(rows) - 0.5}
-        shapes += [{**line, "x0": step, "x1": step, "line": {"dash": "dot", "width": 1}} for step, _ in marks]
-        labels += [
-            {"x": step, "y": top, "text": text, "showarrow": False, "xanchor": "left", "font": {"size": 10}}
-            for step, text in marks
-        ]
-    trace = {
-        "type": "heatmap",
-        "z": np.vstack(bands),  # float32: half the bytes to send, and 7 digits where the hover shows 4
-        "x": steps,
-        "y": rows,
-        "colorscale": "Viridis",
-        "colorbar": {"title": {"text": feature}},
-        "hovertemplate": f"%{{y}}<br>step %{{x}}<br>{feature} %{{z:.4g}}<extra></extra>",
-    }
-    layout = {
-        "shapes": shapes,
-        "annotations": labels,
-        "height": 120 + 18 * len(rows),
-        "margin": {"t": 20, "b": 30},
-        "xaxis": {"title": {"text": "step"}},
-        "yaxis": {"autorange": "reversed", "tickmode": "array", "tickvals": rows, "ticktext": ticks},
-    }
-    return go.Figure({"data": [trace], "layout": layout}, _validate=False)  # plotly's validation took 0.5 s here
-
-
-def layer_lines(feature: str, label: str, histories: dict[str, tuple[list, list]], marks: list) -> go.Figure:
-    """One line per layer of one run's feature, with its landmarks."""
-    traces = [
-        {"type": "scatter", "mode": "lines", "x": s, "y": v, "name": k.rsplit("/", 1)[1]}
-        for k, (s, v) in histories.items()
-    ]
-    layout = {
-        "title": {"text": f"{feature} per layer: {label}"},
-        "xaxis": {"title": {"text": "step"}},
-        "yaxis": {"title": {"text": feature}},
-    }
-    return go.Figure({"data": traces, "layout": {**layout, **marker_layout(marks)}}, _validate=False)
+    return heatmap(feature, _runs)
 
 
 def page_geometry(uri: str, rows: list[dict]) -> None:
     st.header("Geometry")
     by_id = {r["run_id"]: r for r in rows}
-    chosen = pick_runs(uri, rows, "Runs", [rows[0]["run_id"]], "geometry-runs")
-    if not chosen:
-        st.info("Pick one or more runs.")
-        return
     # A continual run (pipelines/tod/continual.py) shows its nested per-domain runs' series joined by step.
     domains: dict[str, list[str]] = {}
     for r in rows:
         if r["stage"] == CONTINUAL_DOMAIN_STAGE:
             domains.setdefault(r["parent_run_id"], []).extend(r["metric_keys"])
-    keys = {i: by_id[i]["metric_keys"] + domains.get(i, []) for i in chosen}
+    keys = {r["run_id"]: r["metric_keys"] + domains.get(r["run_id"], []) for r in rows}
+    newest = next(  # the newest run with geometry (a continual run's domains are shown through it), else the newest
+        (r["run_id"] for r in rows if r["stage"] != CONTINUAL_DOMAIN_STAGE and geometry_features(keys[r["run_id"]])),
+        rows[0]["run_id"],
+    )
+    chosen = pick_runs(uri, rows, "Runs", [newest], "geometry-runs")
+    if not chosen:
+        st.info("Pick one or more runs.")
+        return
     features = sorted({f for i in chosen for f in geometry_features(keys[i])})
     if not features:
         st.info("No geometry logged yet for these runs: `geom/` metrics appear at the first snapshot.")
@@ -305,7 +228,7 @@ def page_geometry(uri: str, rows: list[dict]) -> None:
     drawn = [(by_id[i], geometry[i], marks[i]) for i in chosen if geometry[i]]
     if drawn:
         key = (uri, tuple((i, freshness(by_id[i])) for i in chosen))
-        st.plotly_chart(heatmap(key, feature, drawn), key="heatmaps")
+        st.plotly_chart(cached_heatmap(key, feature, drawn), key="heatmaps")
 
     focus = st.selectbox("Per-layer lines and snapshots of", chosen, format_func=lambda i: run_label(by_id[i]))
     row = by_id[focus]
@@ -515,7 +438,7 @@ def show_run_state(uri: str, run_id: str) -> None:
         left.caption(f"attached policy taken at step {attached['step']}: rules {', '.join(attached['rules'])}")
     histories = metric_histories(run_id, uri, "train/acc") | metric_histories(run_id, uri, "eval/acc")
     if histories:
-        figure = px.line(long_frame(histories), x="step", y="value", color="metric", title="accuracy")
+        figure = px.line(long_frame(histories), x="step", y="value", color="key", title="accuracy")
         if state["stopped_at_step"]:
             figure.add_vline(x=int(state["stopped_at_step"]), line_color="red", annotation_text="stop")
         right.plotly_chart(figure, key="live-chart")

@@ -199,6 +199,13 @@ def test_bulk_histories_fall_back_on_the_public_api_if_mlflows_table_model_chang
     assert public_calls == [(ids["geometry"], uri, "geom/")]
 
 
+def test_geometry_page_opens_on_the_newest_run_that_has_geometry(store, monkeypatch):
+    ids = store[2]
+    app = open_page(store, monkeypatch, "geometry")  # the newest runs, stopped and live, have none
+    assert app.multiselect(key="geometry-runs").value == [ids["continual"]]  # through its domains' runs
+    assert not app.info and figures(app)[0]["data"][0]["type"] == "heatmap"
+
+
 def test_geometry_page_on_a_run_without_geometry_says_so(store, monkeypatch):
     app = open_page(store, monkeypatch, "geometry", runs=store[2]["plain"])
     assert any("No geometry logged yet" in t for t in texts(app.info)) and not figures(app)

@@ -112,6 +112,7 @@ def test_plain_trainer_gets_snapshots_geometry_and_its_logs_in_one_run(tracking_
     # 8 probes sampled from the 10 eval rows (6 tokens each), every token a point: the eval set, not the train set.
     assert len(snaps.index["probe_ids"]) == 8 and max(snaps.index["probe_ids"]) < 10
     assert snaps.layers["layer_01"].shape == (3, 8 * 6, 32)
+    assert "report.html" in [f.path for f in client.list_artifacts(run.info.run_id)]  # as every stage run has
 
 
 def test_without_probes_the_callback_samples_the_rows_of_the_train_dataloader_it_is_handed(
@@ -300,6 +301,7 @@ train(DiesAtStep3.from_config(config), Path({str(tmp_path)!r}))
     [run] = client.search_runs([client.get_experiment_by_name("cb").experiment_id])
     assert run.info.status == "FAILED" and "on_train_end" in run.data.tags["workbench.error"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "geom/eff_rank/layer_01")] == [0, 2]
+    assert "report.html" in [f.path for f in client.list_artifacts(run.info.run_id)]  # drawn from what was logged
 
 
 def test_a_stop_request_ends_a_trainer_run_even_without_policies(tracking_uri, tmp_path):

@@ -186,7 +186,7 @@ class WorkbenchCallback(TrainerCallback):
             atexit.unregister(self._end_abandoned_run)
             status = "KILLED" if self.ended_by_user else "FINISHED"
             self._guard("logging", state.global_step, lambda: self.tracker.finish(status))
-            self.tracker = None
+            self._end_owned_run()
         else:
             self._guard("logging", state.global_step, self.tracker.flush)
 
@@ -199,7 +199,14 @@ class WorkbenchCallback(TrainerCallback):
         if self.tracker is not None:
             self.tracker.set_tags({tags.ERROR: "training ended before the trainer's on_train_end (an exception?)"})
             self.tracker.finish("FAILED")
-            self.tracker = None
+            self._end_owned_run()
+
+    def _end_owned_run(self) -> None:
+        """After the run the callback opened has ended, however: its report.html, as every stage run has."""
+        from workbench.report import write_run_report  # plotly: only once a run has ended
+
+        write_run_report(self.tracker)  # never raises: a failure is a line and a tag
+        self.tracker = None
 
     # --- helpers --------------------------------------------------------------------------------------
 

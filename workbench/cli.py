@@ -203,6 +203,20 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.report import build_report
+
+    report = build_report(args.run_ids, args.tracking_uri)
+    try:
+        args.output.write_text(report.html)
+    except OSError as exc:
+        raise WorkbenchError(f"-o {args.output}: cannot write the report: {exc.strerror or exc}") from None
+    for note in report.notes:
+        print(f"workbench: {note}", file=sys.stderr)
+    print(f"wrote {args.output} ({len(report.html.encode()) / 1e6:.1f} MB): open it in a browser, no network needed")
+    return 0
+
+
 def _verb(
     verbs: argparse._SubParsersAction,
     name: str,
@@ -315,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--force", action="store_true", help="take over a RUNNING run whose host cannot be checked from here"
     )
+    report = _verb(
+        verbs,
+        "report",
+        cmd_report,
+        "write runs' report: one self-contained HTML file of curves, geometry, events and config",
+        "Write the report every stage run keeps as its report.html artifact (curves with markers, each geometry "
+        "feature's layer x step heatmap and per-layer lines, the events, the resolved config) for any logged runs, "
+        "side by side; a chain run's report holds its stages. One file, plotly.js inlined: it opens without network.",
+    )
+    report.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: report.html")
     _verb(
         verbs,
         "events",

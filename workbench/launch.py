@@ -105,11 +105,18 @@ def start_stage_run(
 
 
 def run_stage(config: StageConfig, tracker: Tracker, **kwargs: Any) -> StageResult:
-    """Train the stage in `tracker`'s run (`kwargs`: `resume=` for a resumable stage). A stage a user's stop
-    request ended is KILLED at once, MLflow's status for that; otherwise the run's `with` block ends it."""
-    result = stage_runner(config.stage)(config, tracker, **kwargs)
-    if result.ended_by_user:
-        tracker.finish("KILLED")
+    """Train the stage in `tracker`'s run (`kwargs`: `resume=` for a resumable stage) and end the run: FINISHED,
+    KILLED (a user's stop request, MLflow's status for that, or Ctrl-C) or FAILED (the exception is raised on);
+    then, however it ended, write its `report.html` from what it logged (workbench/report.py)."""
+    from workbench.report import write_run_report  # plotly: only once a run trains
+
+    try:
+        with tracker:
+            result = stage_runner(config.stage)(config, tracker, **kwargs)
+            if result.ended_by_user:
+                tracker.finish("KILLED")
+    finally:
+        write_run_report(tracker)
     return result
 
 

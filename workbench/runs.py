@@ -62,27 +62,40 @@ def run_table(tracking_uri: str | None = None, experiment: str | None = None, li
     names, runs = _search_runs(tracking_uri, experiment, limit)
     runs = mark_stale_runs(runs, tracking_uri)  # RUNNING runs whose process is gone become FAILED (liveness.py)
     run_names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
-    rows = []
-    for run in runs:
-        run_tags, metrics = run.data.tags, run.data.metrics
-        parent = run_tags.get("mlflow.parentRunId", "")
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "name": run.info.run_name or "",
-                "chain": run_names.get(parent, parent[:8]),
-                "experiment": names[run.info.experiment_id],
-                "stage": run_tags.get(tags.STAGE, ""),
-                "status": run.info.status,
-                "started": datetime.fromtimestamp(run.info.start_time / 1000),
-                **{key: metrics.get(key) for key in KEY_METRICS},
-                "events": ", ".join(sorted(k.removeprefix("event/") for k in metrics if k.startswith("event/"))),
-                "stop_reason": run_tags.get(tags.STOP_REASON, ""),
-                "parent_run_id": parent,
-                "metric_keys": sorted(metrics),
-            }
-        )
-    return rows
+    return [_row(run, names[run.info.experiment_id], run_names) for run in runs]
+
+
+def run_rows(run_ids: Sequence[str], tracking_uri: str | None = None) -> list[dict]:
+    """`run_table`'s rows of the given runs, in that order; a run the store lacks, or deleted, is a one-line error."""
+    opened = [open_run(run_id, tracking_uri) for run_id in run_ids]
+    if not opened:
+        return []
+    client = opened[0][0]
+    runs = mark_stale_runs([run for _, run, _ in opened], tracking_uri, client)
+    names = {i: client.get_experiment(i).name for i in {run.info.experiment_id for run in runs}}
+    parents = {run.data.tags.get("mlflow.parentRunId", "") for run in runs} - {""}
+    run_names = {parent: client.get_run(parent).info.run_name or parent[:8] for parent in parents}
+    return [_row(run, names[run.info.experiment_id], run_names) for run in runs]
+
+
+def _row(run: Run, experiment: str, run_names: dict[str, str]) -> dict:
+    """A run as the app lists it; `run_names`: run id -> name, where its chain run's name is looked up."""
+    run_tags, metrics = run.data.tags, run.data.metrics
+    parent = run_tags.get("mlflow.parentRunId", "")
+    return {
+        "run_id": run.info.run_id,
+        "name": run.info.run_name or "",
+        "chain": run_names.get(parent, parent[:8]),
+        "experiment": experiment,
+        "stage": run_tags.get(tags.STAGE, ""),
+        "status": run.info.status,
+        "started": datetime.fromtimestamp(run.info.start_time / 1000),
+        **{key: metrics.get(key) for key in KEY_METRICS},
+        "events": ", ".join(sorted(k.removeprefix("event/") for k in metrics if k.startswith("event/"))),
+        "stop_reason": run_tags.get(tags.STOP_REASON, ""),
+        "parent_run_id": parent,
+        "metric_keys": sorted(metrics),
+    }
 
 
 def metric_histories(

@@ -37,6 +37,7 @@ def chain_stage_tags(index: int, run_id: str, config_file: str) -> dict[str, str
 STOP_REASON = "workbench.stop_reason"
 STOPPED_AT = "workbench.stopped_at_step"
 ERROR = "workbench.error"  # the exception a FAILED run died of
+REPORT_ERROR = "workbench.report_error"  # why its report.html could not be written (workbench/report.py)
 RESUMED = "workbench.resumed"  # "from step S at TIME (was STATUS: REASON)", the latest `workbench resume`
 
 # --- the policy engine's record -------------------------------------------------------------------------------
