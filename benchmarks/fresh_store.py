@@ -187,8 +187,9 @@ def main() -> None:
     args = parser.parse_args()
     import mlflow
 
+    commit = _commit()  # the code the trials import, before anything can change it
     result = measure(args.trials)
-    result.update(commit=_commit(), mlflow=mlflow.__version__, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    result.update(commit=commit, mlflow=mlflow.__version__, machine=f"{platform.machine()}, {os.cpu_count()} cores")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"fresh store, {result['trials']} trials at {result['commit']} (MLflow {result['mlflow']}):"]
     for cell in result["cells"]:
