@@ -86,3 +86,30 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, tracking_uri, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.max_steps" in err and str(path) in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "layers", "missing", "num_layers"),
+    [
+        ("grokking.yaml", "[5]", "[5]", 1),  # the default model: embeddings + 1 block = layers 0..1
+        ("grokking.yaml", "[0,-3]", "[-3]", 1),
+        ("sft.yaml", "[0,9]", "[9]", 2),  # an LM stage that builds its model from model.*
+    ],
+)
+def test_snapshot_layers_a_built_model_lacks_are_refused_before_any_run_exists(
+    tmp_path, tracking_uri, capsys, config, layers, missing, num_layers
+):
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    assert main(["run", str(path), f"snapshot.layers={layers}"]) == 2
+    assert capsys.readouterr().err == (
+        f"workbench: error: override 'snapshot.layers={layers}': snapshot.layers: {missing} out of range for the "
+        f"model built with model.num_layers={num_layers}: layers 0..{num_layers} (0 = embeddings, -1 = last)\n"
+    )
+    assert not (tmp_path / "mlflow.db").exists()  # no FAILED, empty run left in the store
+
+
+def test_snapshot_layers_of_a_model_loaded_from_disk_wait_for_the_model():
+    from pipelines.lm.config import SFTStageConfig
+
+    config = SFTStageConfig(model={"name_or_path": "/some/model"}, snapshot={"layers": [40]})
+    assert config.snapshot.layers == [40]  # its depth is known once it is loaded (Instrument checks it then)

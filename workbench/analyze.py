@@ -2,7 +2,9 @@
 
 Idempotent and resumable: a (metric, layer, step) already in the run's history is not computed or logged
 again, so a second call adds nothing and an interrupted one continues where it stopped. It works on a
-run that is still training (the index lists only snapshot files that were completely written).
+run that is still training (the index lists only snapshot files that were completely written). On a run
+whose `snapshot.keep` stored only some snapshots, its first problem line says which steps it recomputes and
+which it cannot.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def analyze_run(
     }
     tracker = Tracker(client, run_id, uri)
     report = AnalyzeReport()
+    if snaps.index.get("dropped"):
+        report.problems.append(_coverage(snaps.steps, snaps.index["dropped"], snaps.index["keep"]))
     work = [(i, step, name) for i, step in enumerate(snaps.steps) for name in names]
     try:
         for i, step, name in tqdm(work, desc=f"analyze {run_id[:8]}", unit="snapshot"):
@@ -75,6 +79,19 @@ def analyze_run(
     finally:
         tracker.flush()  # keep everything computed so far, also on Ctrl-C: the next call resumes
     return report
+
+
+def _coverage(stored: list[int], dropped: list[int], keep: str) -> str:
+    """One line: the steps whose snapshot was not stored (online geometry only) and those it recomputes."""
+    return (
+        f"cannot recompute steps {_steps(dropped)} (snapshot.keep={keep} did not store them; their online "
+        f"geometry is logged); recomputing steps {_steps(stored)}"
+    )
+
+
+def _steps(steps: list[int], shown: int = 10) -> str:
+    listed = ", ".join(map(str, steps[:shown])) or "none"
+    return listed if len(steps) <= shown else f"{listed}, ... ({len(steps)} in all, the last {steps[-1]})"
 
 
 def _select_layers(requested: Sequence[str] | None, available: list[str]) -> list[str]:

@@ -35,16 +35,22 @@ class Instrument:
         self.layers: list[int] = []
         self.online = list(config.geometry)  # shrinks if a snapshot's geometry overruns its time budget
         self._warned: set[str] = set()  # problems already reported, so each is said once per run
-        self._earlier_steps: list[int] = []  # snapshots a resumed run wrote before its checkpoint
+        self._earlier: dict[str, list[int]] = {"steps": [], "dropped": []}  # a resumed run's snapshots before it
 
     def state(self) -> dict[str, Any]:
-        """What a training-state checkpoint keeps of the instrument (JSON): snapshot steps, online features."""
-        steps = self.writer.index["steps"] if self.writer is not None else self._earlier_steps
-        return {"snapshot_steps": list(steps), "online_geometry": list(self.online)}
+        """What a training-state checkpoint keeps of the instrument (JSON): snapshot steps stored and dropped,
+        online features."""
+        steps = self.writer.index if self.writer is not None else self._earlier
+        return {
+            "snapshot_steps": list(steps["steps"]),
+            "dropped_steps": list(steps["dropped"]),
+            "online_geometry": list(self.online),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's `state()`: the index keeps the earlier snapshots, geometry stays as it was."""
-        self._earlier_steps = list(state["snapshot_steps"])
+        # A checkpoint written before `snapshot.keep` existed stored every snapshot: none dropped.
+        self._earlier = {"steps": list(state["snapshot_steps"]), "dropped": list(state.get("dropped_steps", []))}
         self.online = list(state["online_geometry"])
 
     def due(self, step: int) -> bool:
@@ -92,8 +98,7 @@ class Instrument:
     def _start(self, states: list[torch.Tensor]) -> None:
         n_layers = len(states)
         requested = range(n_layers) if self.config.layers == "all" else self.config.layers
-        bad = [i for i in requested if not -n_layers <= i < n_layers]
-        if bad:
+        if bad := self.config.layers_missing_from(n_layers):  # a loaded model's depth is known only now
             raise WorkbenchError(f"snapshot.layers: {bad} out of range for a model with layers 0..{n_layers - 1}")
         self.layers = sorted({i % n_layers for i in requested})
         self.writer = SnapshotWriter(
@@ -107,8 +112,10 @@ class Instrument:
                 "probe_labels": self.probe.labels,
                 "points": self.pooler.points(self.probe),
             },
+            self.config.keep,
+            self.config.every,
         )
-        self.writer.index["steps"] = list(self._earlier_steps)
+        self.writer.index.update(self._earlier)
 
     def _geometry(self, layer: str, points: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
         config = self.config

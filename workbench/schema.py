@@ -64,8 +64,10 @@ def describe(exc: ValidationError) -> str:
     """A pydantic error as `field: problem (got value)`, its problems joined on one line."""
     problems = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        if error["type"] == "extra_forbidden":
+        field = ".".join(str(part) for part in error["loc"])
+        if not field:  # a check across fields (a config's model_validator): its message names the fields
+            problems.append(error["msg"].removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
             problems.append(f"{field}: unknown key")
         else:
             value = error.get("input")

@@ -2,7 +2,8 @@
 
 Format: run artifacts `snapshots/step_{step:08d}.safetensors`, one tensor per kept layer
 (`layer_00` = embeddings output ... `layer_L`), shape [points, hidden], plus `snapshots/index.json`
-(probe ids, pooling, dtype, layers, hidden size, which (probe, position) each point is, step list).
+(probe ids, pooling, dtype, layers, hidden size, which (probe, position) each point is, the list of stored
+steps, and `dropped`: steps snapshotted and measured whose file `snapshot.keep` did not store).
 Nothing is pickled; the reader checks every file against the index.
 """
 
@@ -110,22 +111,41 @@ class Pooler:
         return [[probe.ids[r], p] for r, p in zip(self.probe_row.tolist(), self.position.tolist(), strict=True)]
 
 
-class SnapshotWriter:
-    """Writes one safetensors file per snapshot step and keeps `index.json` current, as run artifacts."""
+def kept(keep: str, every: int, step: int) -> bool:
+    """Whether retention `keep` (`snapshot.keep`) stores the snapshot of `step`, a multiple of `every`.
 
-    def __init__(self, tracker: Tracker, index: dict[str, Any]) -> None:
+    Decided from the step alone when the snapshot is taken, so a stored file is never deleted: not every
+    MLflow artifact store can delete, and a reader of a live or crashed run sees exactly the stored steps.
+    """
+    if keep == "all":
+        return True
+    if keep == "log":
+        k = step // every
+        return (k & (k - 1)) == 0  # k is 0 or a power of 2
+    return step % int(keep.removeprefix("every:")) == 0
+
+
+class SnapshotWriter:
+    """Writes one safetensors file per snapshot step that `keep` stores and keeps `index.json` current, as run
+    artifacts."""
+
+    def __init__(self, tracker: Tracker, index: dict[str, Any], keep: str = "all", every: int = 1) -> None:
         self.tracker = tracker
-        self.index = {"format_version": FORMAT_VERSION, **index, "steps": []}
+        self.keep, self.every = keep, every
+        self.index = {"format_version": FORMAT_VERSION, **index, "keep": keep, "steps": [], "dropped": []}
 
     def write(self, step: int, layers: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        dtype = _torch_dtype(self.index["dtype"])
-        with tempfile.TemporaryDirectory(prefix="workbench-snapshot-") as tmp:
-            path = Path(tmp) / snapshot_file(step)
-            save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in layers.items()}, str(path))
-            self.tracker.log_artifact(path, SNAPSHOT_DIR)
-        self.index["steps"].append(step)
+        if not kept(self.keep, self.every, step):
+            self.index["dropped"].append(step)
+        else:
+            dtype = _torch_dtype(self.index["dtype"])
+            with tempfile.TemporaryDirectory(prefix="workbench-snapshot-") as tmp:
+                path = Path(tmp) / snapshot_file(step)
+                save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in layers.items()}, str(path))
+                self.tracker.log_artifact(path, SNAPSHOT_DIR)
+            self.index["steps"].append(step)
         # The index is rewritten after each file so a reader of a live or crashed run sees a consistent set.
         self.tracker.log_text(json.dumps(self.index), f"{SNAPSHOT_DIR}/{INDEX_FILE}")
 

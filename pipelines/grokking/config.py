@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from workbench.config import StageConfig, TrainConfig
+from workbench.config import StageConfig, TrainConfig, check_built_model_layers
 from workbench.schema import Strict
 
 
@@ -58,6 +58,11 @@ class GrokkingStageConfig(StageConfig):
     task: TaskConfig = TaskConfig()
     model: GrokkingModelConfig = GrokkingModelConfig()
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _snapshot_layers_exist(self) -> GrokkingStageConfig:
+        check_built_model_layers(self.snapshot, self.model.num_layers)
+        return self
 
 
 def _is_prime(n: int) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.grokking.config import GrokkingModelConfig
-from workbench.config import StageConfig, TrainConfig
+from workbench.config import StageConfig, TrainConfig, check_built_model_layers
 from workbench.schema import Strict
 
 
@@ -104,10 +104,21 @@ class LoraSettings(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class _SupervisedStageConfig(StageConfig):
+class _LMStageConfig(StageConfig):
+    """What every language-model stage has: a model, and the built-in task its gold metric reads."""
+
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
     task: GoldTaskConfig = GoldTaskConfig()
+
+    @model_validator(mode="after")
+    def _snapshot_layers_exist(self) -> _LMStageConfig:
+        if self.model.name_or_path is None:  # built from `model.*` (a loaded model's depth is known when loaded)
+            check_built_model_layers(self.snapshot, self.model.num_layers)
+        return self
+
+
+class _SupervisedStageConfig(_LMStageConfig):
+    data: DataConfig = DataConfig()
 
 
 class PretrainStageConfig(_SupervisedStageConfig):
@@ -166,9 +177,7 @@ class RLRewardSettings(Strict):
     rm_steps: int = Field(1500, gt=0, description="Steps of an RM trained on the fly (empty `model`).")
 
 
-class _RLStageConfig(StageConfig):
-    model: ModelConfig = ModelConfig()
-    task: GoldTaskConfig = GoldTaskConfig()
+class _RLStageConfig(_LMStageConfig):
     train: RLTrainConfig = RLTrainConfig()
     lora: LoraSettings = LoraSettings()
     reward: RLRewardSettings = RLRewardSettings()

@@ -1,8 +1,9 @@
 """Models and tokenizers for the supervised stages: built from config, trained locally, or loaded by reference.
 
 Nothing here downloads: a tokenizer is trained with `tokenizers` on the stage's own corpus, a tiny model is
-built from a `transformers` config, and `model.name_or_path` is a local directory or an MLflow artifact
-URI (`runs:/<run_id>/model`) that a previous stage logged (`workbench.artifacts.log_pretrained`).
+built from a `transformers` config, and `model.name_or_path` is a named real model shipped in a package
+(`pipelines.lm.real_model`, converted once into a local cache), a local directory or an MLflow artifact URI
+(`runs:/<run_id>/model`) that a previous stage logged (`workbench.artifacts.log_pretrained`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.lm.real_model import named_model_dir
 from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
@@ -65,8 +67,8 @@ def build_causal_lm(config: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> 
 def load_pretrained(
     name_or_path: str, tracking_uri: str | None, head: str = "causal_lm"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Model and tokenizer from a local directory or an MLflow artifact URI; `head` "reward" puts a scalar
-    score head on the model (a fresh one when the checkpoint is a causal LM).
+    """Model and tokenizer from a named real model, a local directory or an MLflow artifact URI; `head` "reward"
+    puts a scalar score head on the model (a fresh one when the checkpoint is a causal LM).
 
     A directory that does not exist, holds no model, or whose tokenizer does not fit the model's embedding
     is a one-line error naming `model.name_or_path`.
@@ -83,6 +85,9 @@ def load_pretrained(
                 reason = first_line(exc)
                 raise WorkbenchError(f"model.name_or_path: cannot fetch {name_or_path} ({reason})") from None
             return _load_dir(Path(local), name_or_path, head)
+    named = named_model_dir(name_or_path)
+    if named is not None:
+        return _load_dir(named, name_or_path, head)
     path = Path(name_or_path)
     if not path.is_dir():
         raise WorkbenchError(f"model.name_or_path: {name_or_path} is not a directory (nothing is downloaded)")
