@@ -55,7 +55,7 @@ def screenshot(page_file: Path, out: Path) -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
         page.goto(page_file.as_uri())
-        page.wait_for_function("[...document.querySelectorAll('.js-plotly-plot')].every(g => g._fullLayout)")
+        page.wait_for_function("document.documentElement.dataset.figures === 'drawn'")  # set by the report
         # The runs table and the curves down to the bottom of their second panel (eval/loss), in page pixels.
         bottom = page.evaluate(
             """() => { const g = document.getElementById('figure-0'), y = g._fullLayout.yaxis2;

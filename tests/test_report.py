@@ -96,7 +96,7 @@ def test_a_runs_report_opens_in_chromium_with_its_plots_drawn_and_no_request_lea
         page.on("request", lambda request: requested.append(request.url))
         page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
         page.goto(page_file.as_uri())
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 7", timeout=30_000)
+        page.wait_for_function("document.documentElement.dataset.figures === 'drawn'", timeout=30_000)
         drawn = page.evaluate(
             """() => [...document.querySelectorAll('.js-plotly-plot')].map(g => ({
                 traces: g._fullData.length,

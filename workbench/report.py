@@ -216,8 +216,9 @@ DRAW_FIGURES = """<script>
   document.head.append(plotly);
   for (const data of document.querySelectorAll("script[data-figure]")) {
     const figure = JSON.parse(data.textContent);
-    Plotly.newPlot(data.dataset.figure, figure.data, figure.layout, {responsive: true, displaylogo: false});
+    await Plotly.newPlot(data.dataset.figure, figure.data, figure.layout, {responsive: true, displaylogo: false});
   }
+  document.documentElement.dataset.figures = "drawn";  // for whoever waits on the page (a screenshot, a test)
 })();
 </script>"""
 
