@@ -127,10 +127,11 @@ def test_a_store_whose_schema_no_one_completes_fails_in_seconds_with_one_line(tm
 def test_one_process_creates_fresh_relative_stores_in_several_folders(tmp_path, monkeypatch):
     from workbench.tracking import open_store
 
-    for folder in ("a", "b", "b"):  # the same relative URI from two folders, then a store deleted and made again
-        (tmp_path / folder).mkdir(exist_ok=True)
+    for folder in ("a", "b"):  # the same relative URI from two folders
+        (tmp_path / folder).mkdir()
         monkeypatch.chdir(tmp_path / folder)
-        (tmp_path / folder / "mlflow.db").unlink(missing_ok=True)
         client, _ = open_store("sqlite:///mlflow.db")
-        assert [e.name for e in client.search_experiments()] == ["Default"]
+        client.create_experiment(f"made in {folder}")
+        names = sorted(e.name for e in client.search_experiments())
+        assert names == ["Default", f"made in {folder}"]  # this folder's store, fresh: not a store opened before
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["mlflow.db"]  # no file left aside

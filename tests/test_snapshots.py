@@ -140,3 +140,19 @@ def test_run_without_snapshots_is_a_clear_error(tracking_uri):
     tracker.finish()
     with pytest.raises(WorkbenchError, match=f"run {tracker.run_id}: no snapshots found"):
         load_snapshots(tracker.run_id, tracking_uri=tracking_uri)
+
+
+def test_snapshot_layers_a_loaded_model_lacks_are_a_user_error_at_its_first_snapshot(tracking_uri):
+    # A model built from config is checked before the run exists (tests/test_config.py); a loaded one only here.
+    from test_callback import tiny_llama
+
+    from workbench.callback import probe_set_from_rows
+    from workbench.config import SnapshotConfig
+    from workbench.instrument import Instrument
+    from workbench.tracking import Tracker
+
+    probe = probe_set_from_rows([{"input_ids": [1, 2, 3]}] * 2, None, n_probes=2, seed=0)
+    with Tracker.start(tracking_uri, "layers") as tracker:
+        instrument = Instrument(SnapshotConfig(layers=[0, 7]), probe, tracker)
+        with pytest.raises(WorkbenchError, match=r"^snapshot.layers: \[7\] out of range for a model with layers 0..1$"):
+            instrument(tiny_llama(), 0)

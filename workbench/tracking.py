@@ -102,11 +102,13 @@ def _client_once_schema_settles(uri: str) -> Any:
 
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
-    db = Path(uri.removeprefix("sqlite:///"))
+    # Absolute: MLflow keeps the store of each URI string it opened, so a relative one opened again from
+    # another folder by this process would be the first folder's store.
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
     if not db.exists():
         _create_store_aside(db)
     _wait_for_schema(db)
-    return MlflowClient(uri)
+    return MlflowClient(f"sqlite:///{db}")
 
 
 def _create_store_aside(db: Path) -> None:
@@ -115,8 +117,8 @@ def _create_store_aside(db: Path) -> None:
     from mlflow import MlflowClient
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    # A new name each time, and absolute: MLflow keeps the store of each URI it has opened in this process.
-    handle, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".creating", dir=db.parent.resolve())
+    # A new name each time: MLflow keeps the store of each URI it has opened in this process.
+    handle, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".creating", dir=db.parent)
     os.close(handle)
     aside = Path(name)
     try:
