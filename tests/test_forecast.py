@@ -149,6 +149,7 @@ def test_the_shipped_grokking_forecast_is_test_loss_5_percent_under_its_peak_for
         "memorised_step": 10.0,
         "predicted_onset_step": 248,
         "moved_from_extreme": 0.06,
+        "rule": "grokking_forecast/v2: eval/loss 5% under its peak and its memorisation value, 3 evals",
     }
 
 
@@ -157,6 +158,16 @@ def test_the_shipped_grokking_forecast_waits_for_test_loss_under_its_value_at_me
     # 3.9 at 60-80 is under both, so the third, step 80, fires. Without the clause it would fire at 50.
     losses = [4.0, 5.0, 4.5, 4.5, 4.5, 3.9, 3.9, 3.9]
     assert _replay(FORECASTERS["grokking_forecast"](), _memorised_at_10(losses, [30.0] * 8)).step == 80
+
+
+def test_the_shipped_grokking_forecast_never_fires_once_test_accuracy_has_reached_one_half():
+    # The same falling test loss as above (would fire at 80), but test accuracy touched 0.5 at step 40 and fell
+    # back to 0.3: the run has already jumped, so nothing it does afterwards is a forecast.
+    run = _memorised_at_10([5.0, 5.0, 4.8, 4.8, 4.8, 4.7, 4.7, 4.7], [30.0] * 8)
+    run[4][1]["eval/acc"] = 0.5
+    for _, metrics in run[5:]:
+        metrics["eval/acc"] = 0.3
+    assert _replay(FORECASTERS["grokking_forecast"](), run) is None
 
 
 def test_registry_names_are_the_events_they_fire():
