@@ -153,3 +153,26 @@ def test_the_real_model_loads_through_its_name():
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tokenizer.chat_template
+
+
+@pytest.mark.slow
+def test_lora_sft_of_the_real_model_logs_geometry_of_all_its_layers(tracking_uri):
+    from mlflow import MlflowClient
+
+    from workbench.snapshots import load_snapshots
+
+    overrides = ["lora.enabled=true", "train.max_steps=4", "train.eval_every=2", "train.batch_size=4"]
+    overrides += ["snapshot.every=2", "snapshot.probes=8", "task.n_train=64", "task.n_eval=16"]
+    code = main(["run", SFT_CONFIG, f"model.name_or_path={NAME}", *overrides, f"tracking.uri={tracking_uri}"])
+    assert code == 0
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("sft").experiment_id])
+    assert run.info.status == "FINISHED"
+    # 31 hidden states: the embeddings and each of the 30 blocks, every one with its geometry at steps 0, 2 and 4.
+    layers = [f"layer_{i:02d}" for i in range(31)]
+    logged = sorted(key.removeprefix("geom/eff_rank/") for key in run.data.metrics if key.startswith("geom/eff_rank/"))
+    assert logged == layers
+    for layer in layers:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"geom/eff_rank/{layer}")] == [0, 2, 4]
+    snaps = load_snapshots(run.info.run_id, tracking_uri=tracking_uri)
+    assert list(snaps.layers) == layers and snaps.layers["layer_30"].shape == (3, 8, 576)  # answer pooling: 8 points
