@@ -51,8 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"workbench: run FAILED at its start: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if not is_main_process():
-        with tracker:
-            run_stage(config, tracker)
+        run_stage(config, tracker)
         wait_for_everyone()
         return 0  # rank 0 reports for every rank
     print(f"run {tracker.run_id} in {tracker.tracking_uri} (experiment '{config.tracking.experiment}')")
@@ -65,14 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _train(tracker: Tracker, body: Callable[[], StageResult], interrupted: str) -> StageResult | int:
-    """`body` inside the tracker's run, SIGINT/SIGTERM checkpointing and ending it KILLED (docs/resume.md): the
-    stage's result, or the exit code of a run that did not finish (130/143 interrupted, 1 failed)."""
+    """`body` (a `run_stage`, which ends the run however it ends) with SIGINT/SIGTERM turned into a checkpoint and
+    a KILLED run (docs/resume.md): the stage's result, or the exit code of a run that did not finish (130/143
+    interrupted, 1 failed)."""
     from workbench.liveness import StopSignals
     from workbench.runtime import wait_for_everyone
 
     signals = StopSignals()
     try:
-        with signals, tracker:
+        with signals:
             result = body()
         wait_for_everyone()
     except WorkbenchError:

@@ -124,8 +124,7 @@ def run_nested(config: StageConfig, parent: Tracker, run_name: str, config_file:
     """Run one stage as a run nested under `parent`, in the parent's store: (its result, its run id). The
     stage's run is FAILED if it raises; its model URI is kept as the tag `workbench.model_uri`."""
     child = start_stage_run(config, config_file, parent=parent, run_name=run_name)
-    with child:
-        result = run_stage(config, child)
-        child.set_tags({tags.MODEL_URI: result.model_uri})
+    result = run_stage(config, child)
+    child.set_tags({tags.MODEL_URI: result.model_uri})
     wait_for_everyone()  # under a multi-process launch the next stage's ranks load what rank 0 logged here
     return result, child.run_id
