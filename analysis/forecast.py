@@ -66,6 +66,12 @@ class PrecursorForecaster:
     version of a forecaster fired. Any series can be plugged in, so
     geometry, test loss and weight norm are compared under one rule (``CANDIDATES``).
 
+    ``heldout_labels=False`` makes it a label-free forecaster that a run without held-out labels can use: it
+    never reads ``eval/acc`` (memorised means train accuracy alone; nothing stops it after the jump but its
+    own firing), and it raises, which disables it and the rules on it with an alert, when its series is
+    missing from the first ``sustain`` logged steps with a train accuracy (a stage without a train/held-out
+    split, or a run that logs no held-out states).
+
     The predicted onset is ``fire + onset_ratio * (fire - memorised)``: ``onset_ratio`` is the ratio of the
     remaining plateau to the elapsed one at the fire step (the shipped value is the suite's median). The
     forecast stays active until test accuracy reaches ``GENERALISED_ACC`` or ``expire_ratio`` times the
@@ -83,6 +89,7 @@ class PrecursorForecaster:
         onset_ratio: float = 1.0,
         expire_ratio: float = 3.0,
         rule: str | None = None,
+        heldout_labels: bool = True,
     ) -> None:
         if direction not in ("fall", "rise"):
             raise ValueError(f"direction must be 'fall' or 'rise', got {direction!r}")
@@ -94,6 +101,8 @@ class PrecursorForecaster:
         self.onset_ratio = onset_ratio
         self.expire_ratio = expire_ratio
         self.rule = rule
+        self.heldout_labels = heldout_labels
+        self._without_signal = 0  # logged steps with a train accuracy but not the series
         self.memorised: int | None = None
         self.fired: ForecastEvent | None = None
         self.generalised = False
@@ -105,10 +114,12 @@ class PrecursorForecaster:
         self._grokked = False  # test accuracy has reached GROKKED_ACC at some step
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
-        self._eval_acc = metrics.get("eval/acc", self._eval_acc)
-        self._grokked |= self._eval_acc >= GROKKED_ACC
-        if self._eval_acc >= GENERALISED_ACC:
-            self.generalised = True
+        if self.heldout_labels:
+            self._eval_acc = metrics.get("eval/acc", self._eval_acc)
+            self._grokked |= self._eval_acc >= GROKKED_ACC
+            self.generalised |= self._eval_acc >= GENERALISED_ACC
+        else:
+            self._check_logged(metrics)
         if self.memorised is None:
             if metrics.get("train/acc", 0.0) >= MEMORISED_ACC and self._eval_acc < GROKKED_ACC:
                 self.memorised = step
@@ -140,6 +151,19 @@ class PrecursorForecaster:
         }
         self.fired = ForecastEvent(self.name, step, {**details, **({"rule": self.rule} if self.rule else {})})
         return self.fired
+
+    def _check_logged(self, metrics: Mapping[str, float]) -> None:
+        if self._key is not None or "train/acc" not in metrics:
+            return
+        if resolve_last_layer(self.metric, metrics) in metrics:
+            self._key = resolve_last_layer(self.metric, metrics)
+            return
+        self._without_signal += 1
+        if self._without_signal >= self.sustain:
+            raise ValueError(
+                f"{self.metric} is not logged: this label-free forecast reads the states of held-out inputs beside "
+                "train ones, which this run does not log (the grokking stage logs heldout/*)"
+            )
 
     def active(self, step: int) -> bool:
         if self.fired is None or self.generalised:
@@ -257,6 +281,27 @@ CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
         ("lid_mle", "geom/lid_mle/layer_last"),
         ("eff_rank", "geom/eff_rank/layer_last"),
     )
+    for move in (0.05, 0.15)
+}
+
+# Label-free competitors (`heldout_labels=False`): series a run without held-out labels has. heldout/* compare
+# the states of held-out inputs with those of train inputs (analysis/heldout.py); weight norm and train loss
+# read no held-out data at all.
+LABEL_FREE_CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
+    f"{signal}_{direction}_{round(100 * move)}": (
+        lambda m=metric, d=direction, v=move: PrecursorForecaster(
+            "grokking_forecast_label_free", m, direction=d, move=v, heldout_labels=False
+        )
+    )
+    for signal, metric, directions in (
+        ("knn_gap", "heldout/knn_gap/layer_last", ("fall",)),
+        ("nn_agreement", "heldout/nn_agreement/layer_last", ("rise",)),
+        ("lid_ratio", "heldout/lid_ratio/layer_last", ("fall", "rise")),
+        ("confidence", "heldout/confidence", ("rise",)),
+        ("weight_norm", "weight_norm", ("fall",)),
+        ("train_loss", "train/loss", ("fall",)),
+    )
+    for direction in directions
     for move in (0.05, 0.15)
 }
 

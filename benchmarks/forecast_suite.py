@@ -2,6 +2,11 @@
 
     python benchmarks/forecast_suite.py run --jobs 2     # ~25 min on 2 cores; resumable (finished runs are kept)
     python benchmarks/forecast_suite.py report           # replays the forecasters; writes benchmarks/results/
+    python benchmarks/forecast_suite.py run --suite heldout && python benchmarks/forecast_suite.py report --suite heldout
+
+The default (`calibration`) suite is the one the shipped rule was chosen on, so its figures are in-sample;
+the `heldout` suite has settings nothing was chosen on, and its report (`forecast_heldout.md`) scores every
+forecaster frozen, with 95 % intervals, and fits what is still fitted without the run it is scored on.
 
 `run` trains every member of `SUITE` with `workbench run configs/grokking.yaml ...` into its own MLflow store
 (`benchmarks/.suite/mlflow.db`, one CPU core per job). `report` reads each run's logged histories back and
@@ -51,6 +56,51 @@ SUITE: list[tuple[str, list[str]]] = [
 ]
 
 
+# The held-out suite: settings never used to choose any forecaster, threshold, onset ratio or default (other
+# moduli, ops, train fractions, widths, depths, learning rates, weight decays; seeds from 10). Every member
+# pins the settings it varies, so a later change of configs/grokking.yaml's defaults does not move it. The
+# controls are of three kinds: no weight decay, too small a train fraction, a learning rate too low.
+HELDOUT_SUITE: list[tuple[str, list[str]]] = [
+    ("add-p61-f0.3-s10", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "seed=10"]),
+    ("add-p67-f0.35-s11", ["task.op=+", "task.p=67", "task.train_fraction=0.35", "seed=11"]),
+    ("add-p53-f0.3-h96-s12", ["task.op=+", "task.p=53", "task.train_fraction=0.3", "model.hidden_size=96",
+                              "model.intermediate_size=192", "seed=12"]),
+    ("mul-p61-f0.3-s13", ["task.op=*", "task.p=61", "task.train_fraction=0.3", "seed=13"]),
+    ("sub-p53-f0.45-s14", ["task.op=-", "task.p=53", "task.train_fraction=0.45", "seed=14"]),
+    ("div-p61-f0.35-s15", ["task.op=/", "task.p=61", "task.train_fraction=0.35", "seed=15"]),
+    ("add-p61-f0.3-L2-s16", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "model.num_layers=2", "seed=16"]),
+    ("add-p61-f0.3-lr2e-3-s17", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "optim.lr=2e-3", "seed=17"]),
+    ("mul-p67-f0.3-lr4e-3-s18", ["task.op=*", "task.p=67", "task.train_fraction=0.3", "optim.lr=4e-3", "seed=18"]),
+    ("add-p71-f0.3-wd1.5-s19", ["task.op=+", "task.p=71", "task.train_fraction=0.3", "optim.weight_decay=1.5",
+                                "seed=19"]),
+    ("add-p61-f0.3-s24", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "seed=24"]),
+    ("add-p67-f0.3-s25", ["task.op=+", "task.p=67", "task.train_fraction=0.3", "seed=25"]),
+    ("mul-p53-f0.3-s26", ["task.op=*", "task.p=53", "task.train_fraction=0.3", "seed=26"]),
+    ("sub-p61-f0.5-s27", ["task.op=-", "task.p=61", "task.train_fraction=0.5", "seed=27"]),
+    ("add-p59-f0.25-s28", ["task.op=+", "task.p=59", "task.train_fraction=0.25", "seed=28"]),
+    ("div-p53-f0.4-s29", ["task.op=/", "task.p=53", "task.train_fraction=0.4", "seed=29"]),
+    ("control-add-p61-wd0-s20", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "optim.weight_decay=0",
+                                 "seed=20"]),
+    ("control-mul-p67-wd0-s21", ["task.op=*", "task.p=67", "task.train_fraction=0.3", "optim.weight_decay=0",
+                                 "seed=21"]),
+    ("control-add-p61-f0.1-s22", ["task.op=+", "task.p=61", "task.train_fraction=0.1", "seed=22"]),
+    ("control-add-p61-lr3e-4-s23", ["task.op=+", "task.p=61", "task.train_fraction=0.3", "optim.lr=3e-4",
+                                    "seed=23"]),
+    ("control-sub-p53-wd0-s30", ["task.op=-", "task.p=53", "task.train_fraction=0.45", "optim.weight_decay=0",
+                                 "seed=30"]),
+    ("control-mul-p61-f0.1-s31", ["task.op=*", "task.p=61", "task.train_fraction=0.1", "seed=31"]),
+    ("control-mul-p61-lr3e-4-s32", ["task.op=*", "task.p=61", "task.train_fraction=0.3", "optim.lr=3e-4",
+                                    "seed=32"]),
+    ("control-add-p67-lr2e-4-s33", ["task.op=+", "task.p=67", "task.train_fraction=0.3", "optim.lr=2e-4",
+                                    "seed=33"]),
+]  # fmt: skip
+
+
+def members(suite: str) -> list[tuple[str, list[str]]]:
+    """The members of the `calibration` suite (the settings the shipped rule was chosen on) or the `heldout` one."""
+    return {"calibration": SUITE, "heldout": HELDOUT_SUITE}[suite]
+
+
 def _client():
     from mlflow import MlflowClient
 
@@ -90,8 +140,9 @@ def run_member(name: str, overrides: list[str], cores: Queue) -> tuple[str, int]
 def cmd_run(args: argparse.Namespace) -> None:
     (STORE / "logs").mkdir(parents=True, exist_ok=True)
     done = finished_runs()
-    todo = [(name, ov) for name, ov in SUITE if name not in done]
-    print(f"{len(SUITE) - len(todo)} of {len(SUITE)} runs already finished; running {len(todo)} in {args.jobs} jobs")
+    suite = members(args.suite)
+    todo = [(name, ov) for name, ov in suite if name not in done]
+    print(f"{len(suite) - len(todo)} of {len(suite)} runs already finished; running {len(todo)} in {args.jobs} jobs")
     cores: Queue = Queue()
     for core in sorted(os.sched_getaffinity(0))[: args.jobs]:
         cores.put(core)
@@ -142,14 +193,14 @@ def replay(factory, by_step: dict[int, dict[str, float]]):
     return None
 
 
-def load_suite() -> list[dict]:
+def load_suite(suite: str) -> list[dict]:
     from workbench.runs import metric_histories
 
     uri = f"sqlite:///{STORE / 'mlflow.db'}"
     runs = []
-    members = {name for name, _ in SUITE}
+    names = {name for name, _ in members(suite)}
     for name, run_id in sorted(finished_runs().items()):
-        if name not in members:
+        if name not in names:
             continue
         by_step: dict[int, dict[str, float]] = {}
         for key, (steps, values) in metric_histories(run_id, uri).items():
@@ -234,10 +285,97 @@ def policy_results(policy: Path, runs: list[dict]) -> dict:
     }
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95 % Wilson score interval of a binomial proportion k/n (Wilson 1927), sound at 0/n and n/n too."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3)]
+
+
+def with_intervals(scored: dict) -> dict:
+    return {
+        **scored,
+        "hit_rate_95ci": wilson(scored["hits"], scored["grok_runs"]),
+        "false_alarm_rate_95ci": wilson(scored["false_alarms"], scored["controls"]),
+    }
+
+
+def best_label_free(runs: list[dict]) -> str:
+    """The selection rule, fixed before any held-out score was seen: among the label-free candidates with at
+    most one false alarm on `runs` (all of them if none has), the most hits, then the longest median lead."""
+    from analysis.forecast import LABEL_FREE_CANDIDATES
+
+    scores = {name: score(factory, runs) for name, factory in LABEL_FREE_CANDIDATES.items()}
+    eligible = [n for n in scores if scores[n]["false_alarms"] <= 1] or list(scores)
+    return max(eligible, key=lambda n: (scores[n]["hits"], scores[n]["median_lead_fraction"] or 0.0))
+
+
+def leave_one_out(runs: list[dict]) -> dict:
+    """What is still fitted, fitted without the run it is scored on (every held-out member is a setting of
+    its own, so leaving one setting out is leaving one run out): the label-free candidate chosen by
+    `best_label_free`, and the shipped rule's onset ratio (the median remaining / elapsed plateau of the
+    other grokking runs at their fire steps)."""
+    from analysis.forecast import FORECASTERS, LABEL_FREE_CANDIDATES, PrecursorForecaster
+
+    scored = [r for r in runs if r["kind"] in ("grok", "control")]
+    label_free = {"chosen": {}, "fire_steps": {}}
+    hits = alarms = 0
+    fractions, errors = [], []
+    shipped = FORECASTERS["grokking_forecast"]
+    ratios = {r["name"]: score(shipped, [r])["median_remaining_over_elapsed"] for r in scored if r["kind"] == "grok"}
+    for run in scored:
+        others = [r for r in scored if r is not run]
+        chosen = best_label_free(others)
+        event = replay(LABEL_FREE_CANDIDATES[chosen], run["by_step"])
+        label_free["chosen"][run["name"]] = chosen
+        label_free["fire_steps"][run["name"]] = None if event is None else event.step
+        m = run["marks"]
+        if run["kind"] == "control":
+            alarms += event is not None
+        elif event is not None and event.step < m["grokked"]:
+            hits += 1
+            fractions.append((m["grokked"] - event.step) / (m["grokked"] - m["memorised"]))
+        if run["kind"] != "grok":
+            continue
+        fitted = [v for name, v in ratios.items() if name != run["name"] and v is not None]
+        if not fitted:
+            continue
+
+        def refit(ratio: float = float(np.median(fitted))) -> PrecursorForecaster:
+            forecaster = shipped()
+            forecaster.onset_ratio = ratio  # the one fitted number of the frozen rule
+            return forecaster
+
+        onset = score(refit, [run])
+        if onset["hits"]:
+            errors.append(onset["median_onset_error_fraction"])
+    grok = sum(r["kind"] == "grok" for r in scored)
+    controls = len(scored) - grok
+    label_free.update(
+        hits=hits,
+        grok_runs=grok,
+        hit_rate_95ci=wilson(hits, grok),
+        median_lead_fraction=float(np.median(fractions)) if fractions else None,
+        false_alarms=alarms,
+        controls=controls,
+        false_alarm_rate_95ci=wilson(alarms, controls),
+    )
+    return {
+        "label_free": label_free,
+        "shipped_onset_error_fraction_refit": float(np.median(errors)) if errors else None,
+        "shipped_onset_errors_refit": errors,
+    }
+
+
 def cmd_report(args: argparse.Namespace) -> None:
+    if args.suite == "heldout":
+        return report_heldout(args)
     from analysis.forecast import CANDIDATES, FORECASTERS
 
-    runs = load_suite()
+    runs = load_suite(args.suite)
     print(f"{len(runs)} finished runs: " + ", ".join(f"{r['name']} ({r['kind']})" for r in runs))
     result = {"runs": {r["name"]: {"kind": r["kind"], **r["marks"]} for r in runs}, "forecasters": {}}
     for name, factory in CANDIDATES.items():
@@ -259,6 +397,74 @@ def cmd_report(args: argparse.Namespace) -> None:
     (args.out / "forecast_suite.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "forecast_suite.md").write_text(markdown(result))
     print(f"wrote {args.out / 'forecast_suite.json'} and forecast_suite.md")
+
+
+def report_heldout(args: argparse.Namespace) -> None:
+    """Every forecaster, frozen, on the held-out suite, with 95 % intervals; what is fitted, left out."""
+    from analysis.forecast import CANDIDATES, FORECASTERS, LABEL_FREE_CANDIDATES
+
+    runs = load_suite("heldout")
+    print(f"{len(runs)} finished runs: " + ", ".join(f"{r['name']} ({r['kind']})" for r in runs))
+    result = {"runs": {r["name"]: {"kind": r["kind"], **r["marks"]} for r in runs}, "forecasters": {}}
+    factories = {"shipped": FORECASTERS["grokking_forecast"], **CANDIDATES}
+    factories.update({f"label_free/{name}": f for name, f in LABEL_FREE_CANDIDATES.items()})
+    for name, factory in factories.items():
+        result["forecasters"][name] = with_intervals(score(factory, runs))
+    result["chosen_label_free_on_all"] = best_label_free([r for r in runs if r["kind"] in ("grok", "control")])
+    result["leave_one_out"] = leave_one_out(runs)
+    print(json.dumps({k: v for k, v in result["leave_one_out"]["label_free"].items() if k != "fire_steps"}))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forecast_heldout.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "forecast_heldout.md").write_text(markdown_heldout(result))
+    print(f"wrote {args.out / 'forecast_heldout.json'} and forecast_heldout.md")
+
+
+def markdown_heldout(result: dict) -> str:
+    def ci(interval) -> str:
+        return "-" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+    lines = [
+        "# Held-out forecast suite (`python benchmarks/forecast_suite.py report --suite heldout`)",
+        "",
+        f"Runs: `HELDOUT_SUITE`, settings never used to choose any rule, threshold or ratio, {BUDGET} steps each; "
+        "kinds as in forecast_suite.md. Every forecaster replayed frozen on the logged histories; 95 % Wilson "
+        "intervals. `label_free/*` read no held-out labels (`heldout_labels=False`).",
+        "",
+        "| run | kind | memorised | test acc 0.5 | test acc 0.95 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result["runs"].items():
+        lines.append(
+            f"| {name} | {r['kind']} | {_f(r['memorised'], '{}')} | {_f(r['grokked'], '{}')} "
+            f"| {_f(r['generalised'], '{}')} |"
+        )
+    lines += [
+        "",
+        "| forecaster | fires before test acc 0.5 | 95 % CI | median lead / plateau | false alarms | 95 % CI "
+        "| median onset error / plateau |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["forecasters"].items():
+        lines.append(
+            f"| {name} | {r['hits']}/{r['grok_runs']} | {ci(r['hit_rate_95ci'])} | {_f(r['median_lead_fraction'])} "
+            f"| {r['false_alarms']}/{r['controls']} | {ci(r['false_alarm_rate_95ci'])} "
+            f"| {_f(r['median_onset_error_fraction'])} |"
+        )
+    loo = result["leave_one_out"]
+    lf = loo["label_free"]
+    lines += [
+        "",
+        "## Fitted without the run scored (leave one setting out)",
+        "",
+        f"- Label-free forecaster chosen on the other runs (`best_label_free`), scored on the left-out one: fires "
+        f"before test acc 0.5 on **{lf['hits']}/{lf['grok_runs']}** {ci(lf['hit_rate_95ci'])}, median lead / "
+        f"plateau {_f(lf['median_lead_fraction'])}, false alarms **{lf['false_alarms']}/{lf['controls']}** "
+        f"{ci(lf['false_alarm_rate_95ci'])}. Chosen on all runs: `{result['chosen_label_free_on_all']}`.",
+        f"- The shipped rule with its onset ratio refitted on the other grokking runs: median onset error / plateau "
+        f"{_f(loo['shipped_onset_error_fraction_refit'])} (with the shipped ratio 2.4, chosen on the calibration "
+        f"suite: {_f(result['forecasters']['shipped']['median_onset_error_fraction'])}).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _f(value, fmt: str = "{:.2f}") -> str:
@@ -324,9 +530,11 @@ def main() -> None:
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="train the suite (resumable)")
     run.add_argument("--jobs", type=int, default=2)
+    run.add_argument("--suite", choices=("calibration", "heldout"), default="calibration")
     run.set_defaults(handler=cmd_run)
     report = verbs.add_parser("report", help="replay forecasters and policies on the finished runs")
     report.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    report.add_argument("--suite", choices=("calibration", "heldout"), default="calibration")
     report.set_defaults(handler=cmd_report)
     args = parser.parse_args()
     args.handler(args)

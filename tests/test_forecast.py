@@ -173,3 +173,25 @@ def test_the_shipped_grokking_forecast_never_fires_once_test_accuracy_has_reache
 def test_registry_names_are_the_events_they_fire():
     for name, factory in FORECASTERS.items():
         assert factory().name == name
+
+
+def test_a_label_free_forecast_never_reads_test_accuracy():
+    # The same series with test accuracy already at 1 from the start: a forecaster that reads held-out labels
+    # never fires (the run has jumped), the label-free one fires as it would without any accuracy logged.
+    run = [(s, {**m, "eval/acc": 1.0}) for s, m in _grokking_run(loss_drop_from=200, grok=0)]
+    assert _replay(PrecursorForecaster("grokking_forecast", "eval/loss", move=0.15), run) is None
+    label_free = PrecursorForecaster("f", "eval/loss", move=0.15, heldout_labels=False)
+    assert _replay(label_free, run).step == 250  # as in the first test: memorised at 50 by train accuracy alone
+    assert label_free.active(260)  # and never ended by a test accuracy it does not read
+
+
+def test_a_label_free_forecast_on_a_run_without_its_series_raises_after_sustain_steps():
+    forecaster = PrecursorForecaster("f", "heldout/knn_gap/layer_last", heldout_labels=False, sustain=3)
+    forecaster.observe(0, {"geom/lid_twonn/layer_01": 1.0})  # a snapshot step: no train accuracy, not counted
+    forecaster.observe(10, {"train/acc": 0.5})
+    forecaster.observe(20, {"train/acc": 0.6})
+    with pytest.raises(ValueError, match="heldout/knn_gap/layer_last is not logged"):
+        forecaster.observe(30, {"train/acc": 0.7})
+    logged = PrecursorForecaster("f", "heldout/knn_gap/layer_last", heldout_labels=False, sustain=1)
+    assert logged.observe(10, {"train/acc": 0.5, "heldout/knn_gap/layer_01": 1.2}) is None  # found: no error
+    assert logged.observe(20, {"train/acc": 0.6}) is None

@@ -19,13 +19,13 @@ def test_suite_subset_trains_replays_and_reports(tmp_path, monkeypatch):
     members = [(f"tiny-s{s}", [*TINY_GROKKING, f"seed={s}"]) for s in range(2)]
     monkeypatch.setattr(forecast_suite, "SUITE", members)
 
-    forecast_suite.cmd_run(argparse.Namespace(jobs=2))
+    forecast_suite.cmd_run(argparse.Namespace(jobs=2, suite="calibration"))
     assert sorted(forecast_suite.finished_runs()) == ["tiny-s0", "tiny-s1"]
-    forecast_suite.cmd_run(argparse.Namespace(jobs=2))  # resumable: nothing is trained twice
+    forecast_suite.cmd_run(argparse.Namespace(jobs=2, suite="calibration"))  # resumable: nothing is trained twice
     assert len(forecast_suite.finished_runs()) == 2
 
     out = tmp_path / "results"
-    forecast_suite.cmd_report(argparse.Namespace(out=out))
+    forecast_suite.cmd_report(argparse.Namespace(out=out, suite="calibration"))
     result = json.loads((out / "forecast_suite.json").read_text())
     # 20 steps of p=11 never reach test acc 0.5: both runs are controls, and no forecaster may fire on them.
     assert {name: run["kind"] for name, run in result["runs"].items()} == {"tiny-s0": "control", "tiny-s1": "control"}
@@ -37,3 +37,23 @@ def test_suite_subset_trains_replays_and_reports(tmp_path, monkeypatch):
         assert set(runs) == {"tiny-s0", "tiny-s1"}
         assert all(0.0 <= run["saved"] < 1.0 for run in runs.values())
     assert "| tiny-s0 | control |" in (out / "forecast_suite.md").read_text()
+
+    # The same two runs as a held-out suite: every forecaster, the label-free ones too, scored with intervals.
+    monkeypatch.setattr(forecast_suite, "HELDOUT_SUITE", members)
+    forecast_suite.cmd_report(argparse.Namespace(out=out, suite="heldout"))
+    heldout = json.loads((out / "forecast_heldout.json").read_text())
+    assert {"shipped", "eval_loss_5", "label_free/knn_gap_fall_5", "label_free/train_loss_fall_15"} <= set(
+        heldout["forecasters"]
+    )
+    for scored in heldout["forecasters"].values():
+        assert scored["false_alarms"] == 0 and scored["false_alarm_rate_95ci"] == [0.0, 0.658]
+        assert scored["hit_rate_95ci"] is None  # no grokking run: no rate to bound
+    assert heldout["leave_one_out"]["label_free"]["fire_steps"] == {"tiny-s0": None, "tiny-s1": None}
+
+
+def test_wilson_interval_matches_the_closed_form_at_the_edges():
+    # At k = 0 the upper end is z^2 / (n + z^2); at k = n the lower end is n / (n + z^2) (z = 1.96).
+    assert forecast_suite.wilson(0, 5) == [0.0, round(1.96**2 / (5 + 1.96**2), 3)] == [0.0, 0.434]
+    assert forecast_suite.wilson(13, 13) == [round(13 / (13 + 1.96**2), 3), 1.0] == [0.772, 1.0]
+    assert forecast_suite.wilson(5, 10) == [0.237, 0.763]
+    assert forecast_suite.wilson(0, 0) is None

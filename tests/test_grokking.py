@@ -80,6 +80,17 @@ def test_saved_model_loads_back_with_from_pretrained(tracking_uri, run_grokking)
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.hidden_size == 32 and model.config.vocab_size == 12
 
+    # The label-free signals are logged at every evaluation, for the layer after the embeddings only, and the
+    # last ones are what the saved (final) model gives on the same seeded train and held-out inputs.
+    client = MlflowClient(tracking_uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/knn_gap/layer_01")] == [0, 5, 10, 15, 20]
+    assert not [k for k in run.data.metrics if k.startswith("heldout/") and k.endswith("layer_00")]
+    config = load_config(DEFAULT_CONFIG)
+    data = grokking.make_dataset(TaskConfig(**{**config.task.model_dump(), "p": 11}), config.seed)
+    recomputed = grokking.HeldoutInputs.sample(data, config.seed, "cpu").signals(model.eval())
+    for key in ("heldout/knn_gap/layer_01", "heldout/nn_agreement/layer_01", "heldout/confidence"):
+        assert run.data.metrics[key] == pytest.approx(recomputed[key], rel=1e-5)
+
 
 def test_ctrl_c_mid_run_exits_130_marks_killed_and_keeps_metrics(tracking_uri, run_grokking, monkeypatch):
     real_evaluate, calls = grokking._evaluate, []

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from analysis.forecast import GENERALISED_ACC, GROKKED_ACC, MEMORISED_ACC
+from analysis.heldout import heldout_geometry, prediction_confidence
 from analysis.series import first_step_at_least, largest_change
 from pipelines.grokking.config import GrokkingModelConfig, GrokkingStageConfig, TaskConfig
 from workbench import tags
@@ -33,7 +34,7 @@ from workbench.runtime import (
     rank_and_world,
     resolve_device,
 )
-from workbench.snapshots import ProbeSet, choose_probe_ids
+from workbench.snapshots import ProbeSet, choose_probe_ids, layer_name
 from workbench.stages import StageResult
 
 if TYPE_CHECKING:
@@ -128,6 +129,40 @@ def make_probe_set(data: ModularData, n_probes: int, seed: int) -> ProbeSet:
     )
 
 
+HELDOUT_POINTS = 512  # train inputs and held-out inputs, each, whose states the label-free signals compare
+
+
+@dataclass(frozen=True)
+class HeldoutInputs:
+    """Fixed, seeded subsets of the train pairs (with their labels) and of the held-out pairs (inputs only):
+    at every evaluation, where the model puts the held-out inputs against the train ones (`analysis.heldout`)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    heldout_x: torch.Tensor
+
+    @classmethod
+    def sample(cls, data: ModularData, seed: int, device: str) -> HeldoutInputs:
+        train = torch.tensor(choose_probe_ids(data.train_ids, HELDOUT_POINTS, seed))
+        heldout = torch.tensor(choose_probe_ids(data.test_ids, HELDOUT_POINTS, seed + 1))
+        return cls(data.inputs[train].to(device), data.targets[train].to(device), data.inputs[heldout].to(device))
+
+    def signals(self, model: torch.nn.Module) -> dict[str, float]:
+        """`heldout/confidence` and `heldout/<signal>/layer_NN` for every layer after the embeddings (whose
+        state at `=` is one point for every input)."""
+        with torch.no_grad():
+            train = model(input_ids=self.train_x, output_hidden_states=True, logits_to_keep=1)
+            heldout = model(input_ids=self.heldout_x, output_hidden_states=True, logits_to_keep=1)
+        logits = heldout.logits[:, -1]
+        metrics = {"heldout/confidence": prediction_confidence(logits)}
+        for layer in range(1, len(train.hidden_states)):
+            found = heldout_geometry(
+                train.hidden_states[layer][:, -1], self.train_y, heldout.hidden_states[layer][:, -1], logits.argmax(-1)
+            )
+            metrics.update({f"heldout/{name}/{layer_name(layer)}": value for name, value in found.items()})
+        return metrics
+
+
 @dataclass
 class History:
     """The in-memory series the end-of-run summary is computed from."""
@@ -216,6 +251,7 @@ def train(
     x_shard, y_shard = x_train[rank::world], y_train[rank::world]
     share = len(y_shard) * world / len(y_train)
     x_test, y_test = data.inputs[data.test_ids].to(device), data.targets[data.test_ids].to(device)
+    heldout = HeldoutInputs.sample(data, config.seed, device)
     history = History([], [], [], {})
     task = config.task
     bar = tqdm(total=config.train.max_steps, initial=start, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
@@ -223,7 +259,7 @@ def train(
     def evaluate(step: int, logits: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
         loss_sum, correct = all_reduce_sum(loss.item() * len(y_shard), (logits.argmax(-1) == y_shard).sum().item())
         train = {"train/loss": loss_sum / len(y_train), "train/acc": correct / len(y_train)}
-        metrics = {**train, **_evaluate(core, x_test, y_test), "lr": schedule.get_last_lr()[0]}
+        metrics = {**train, **_evaluate(core, x_test, y_test), **heldout.signals(core), "lr": schedule.get_last_lr()[0]}
         hooks.log(metrics, step)
         history.record_eval(step, metrics)
         bar.set_postfix(
