@@ -109,7 +109,9 @@ def test_a_runs_report_opens_in_chromium_with_its_plots_drawn_and_no_request_lea
     # curves; then per feature (eff_rank, lid_mle, lid_twonn) a heatmap (a row naming the run + a row per layer, a
     # column per snapshot) and per-layer lines. lid_mle has layer_01 only: 12 distinct embedding points are too few.
     assert [d["heatmap"] for d in drawn] == [None, [3, 3], None, [2, 3], None, [3, 3], None]
-    assert [d["traces"] for d in drawn] == [6, 1, 2, 1, 1, 1, 2]  # 6 metrics logged more than once; layers
+    # 10 metrics logged more than once (6 of training, heldout/confidence and heldout/{knn_gap,nn_agreement,
+    # lid_ratio}/layer_01); then a trace per layer
+    assert [d["traces"] for d in drawn] == [10, 1, 2, 1, 1, 1, 2]
     assert "p: 11" in text and "max_steps: 20" in text  # the resolved config
     assert "FINISHED" in text and "no events" in text
 
