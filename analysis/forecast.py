@@ -125,8 +125,8 @@ class PrecursorForecaster:
                 self.memorised = step
             else:
                 return None
-        if self._key is None:
-            self._key = resolve_last_layer(self.metric, metrics)
+        if self._key is None and resolve_last_layer(self.metric, metrics) in metrics:
+            self._key = resolve_last_layer(self.metric, metrics)  # fixed at its first logged step
         value = metrics.get(self._key) if self._key else None
         if value is None or not math.isfinite(value) or self.fired is not None:
             return None
@@ -161,8 +161,8 @@ class PrecursorForecaster:
         self._without_signal += 1
         if self._without_signal >= self.sustain:
             raise ValueError(
-                f"{self.metric} is not logged: this label-free forecast reads the states of held-out inputs beside "
-                "train ones, which this run does not log (the grokking stage logs heldout/*)"
+                f"{self.metric} is not logged: this label-free forecast reads it, and this run does not log it (the "
+                "grokking stage logs heldout/* at every evaluation, embed/fourier_gini with every snapshot)"
             )
 
     def active(self, step: int) -> bool:
@@ -303,7 +303,17 @@ LABEL_FREE_CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
     )
     for direction in directions
     for move in (0.05, 0.15)
-}
+} | {
+    # Logged with each snapshot (every 50 steps by default), so 2 observations running span as many steps as 10
+    # evaluations do; it starts near its value at initialisation, so only large relative rises mean anything.
+    f"fourier_gini_rise_{round(100 * move)}": (
+        lambda v=move: PrecursorForecaster(
+            "grokking_forecast_label_free", "embed/fourier_gini", direction="rise", move=v, sustain=2,
+            heldout_labels=False,
+        )
+    )
+    for move in (0.5, 0.75, 1.0)
+}  # fmt: skip
 
 # v1: the rule as chosen on the suite; v2: v1, and never once test accuracy has reached GROKKED_ACC in the run.
 GROKKING_FORECAST_RULE = "grokking_forecast/v2: eval/loss 5% under its peak and its memorisation value, 3 evals"

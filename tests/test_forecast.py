@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.forecast import FORECASTERS, CollapseDetector, PrecursorForecaster, resolve_last_layer
+from analysis.forecast import (
+    FORECASTERS,
+    LABEL_FREE_CANDIDATES,
+    CollapseDetector,
+    PrecursorForecaster,
+    resolve_last_layer,
+)
 
 
 def _grokking_run(loss_drop_from: int, grok: int, steps: int = 600) -> list[tuple[int, dict[str, float]]]:
@@ -195,3 +201,19 @@ def test_a_label_free_forecast_on_a_run_without_its_series_raises_after_sustain_
     logged = PrecursorForecaster("f", "heldout/knn_gap/layer_last", heldout_labels=False, sustain=1)
     assert logged.observe(10, {"train/acc": 0.5, "heldout/knn_gap/layer_01": 1.2}) is None  # found: no error
     assert logged.observe(20, {"train/acc": 0.6}) is None
+
+
+def test_the_fourier_sparsity_candidate_reads_its_series_at_snapshot_steps_only():
+    # train/acc every 10 steps, embed/fourier_gini with each snapshot (every 50); memorised at 50 (Gini 0.1 there)
+    gini = {0: 0.08, 50: 0.1, 100: 0.1, 150: 0.17, 200: 0.18, 250: 0.19, 300: 0.2}
+    run = [
+        (step, {"train/acc": 0.2 if step < 50 else 1.0, **({"embed/fourier_gini": gini[step]} if step in gini else {})})
+        for step in range(0, 310, 10)
+    ]
+    forecaster = LABEL_FREE_CANDIDATES["fourier_gini_rise_75"]()
+    # 150 is 1.7x its trough 0.1 (not 1.75x); 200 and 250 are above 1.75x, two snapshots running: fires at 250
+    event = _replay(forecaster, run)
+    assert (event.step, event.details["memorised_step"], event.details["moved_from_extreme"]) == (250, 50.0, 0.9)
+    # a run with snapshots off logs no such series: the forecaster raises, and the engine disables it
+    with pytest.raises(ValueError, match="embed/fourier_gini is not logged"):
+        _replay(LABEL_FREE_CANDIDATES["fourier_gini_rise_75"](), [(s, {"train/acc": 1.0}) for s in (0, 10, 20)])

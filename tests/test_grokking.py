@@ -4,6 +4,7 @@ from conftest import DEFAULT_CONFIG
 from mlflow import MlflowClient
 
 import pipelines.grokking.stage as grokking
+from analysis.fourier import cyclic_order, fourier_gini
 from pipelines.grokking.config import TaskConfig
 from workbench.cli import main
 from workbench.config import load_config
@@ -69,6 +70,17 @@ def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking
     assert snaps.layers["layer_01"].shape == (3, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "snapshots", "model"} <= artifacts
+    # The embeddings' Fourier sparsity is logged with each snapshot, and is what layer_00 of that snapshot (the
+    # embeddings of the probes' tokens) gives, up to float16: a run made before it was logged can be replayed.
+    sparsity = client.get_metric_history(run.info.run_id, "embed/fourier_gini")
+    assert [m.step for m in sparsity] == [0, 10, 20]
+    config = load_config(DEFAULT_CONFIG)
+    inputs = grokking.make_dataset(TaskConfig(**{**config.task.model_dump(), "p": 11}), config.seed).inputs
+    point = {int(inputs[probe, position]): i for i, (probe, position) in enumerate(snaps.index["points"])}
+    rows = [point[token] for token in cyclic_order(config.task.op, 11)]
+    from_snapshots = [fourier_gini(states[rows]) for states in snaps.layers["layer_00"]]
+    assert [m.value for m in sparsity] == pytest.approx(from_snapshots, abs=2e-3)
+    assert len(set(from_snapshots)) == 3  # it moves as the embeddings train
 
 
 def test_saved_model_loads_back_with_from_pretrained(tracking_uri, run_grokking):
@@ -83,7 +95,13 @@ def test_saved_model_loads_back_with_from_pretrained(tracking_uri, run_grokking)
     # The label-free signals are logged at every evaluation, for the layer after the embeddings only, and the
     # last ones are what the saved (final) model gives on the same seeded train and held-out inputs.
     client = MlflowClient(tracking_uri)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/knn_gap/layer_01")] == [0, 5, 10, 15, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "heldout/knn_gap/layer_01")] == [
+        0,
+        5,
+        10,
+        15,
+        20,
+    ]
     assert not [k for k in run.data.metrics if k.startswith("heldout/") and k.endswith("layer_00")]
     config = load_config(DEFAULT_CONFIG)
     data = grokking.make_dataset(TaskConfig(**{**config.task.model_dump(), "p": 11}), config.seed)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from analysis.forecast import GENERALISED_ACC, GROKKED_ACC, MEMORISED_ACC
+from analysis.fourier import cyclic_order, fourier_gini
 from analysis.heldout import heldout_geometry, prediction_confidence
 from analysis.series import first_step_at_least, largest_change
 from pipelines.grokking.config import GrokkingModelConfig, GrokkingStageConfig, TaskConfig
@@ -256,6 +257,8 @@ def train(
     task = config.task
     bar = tqdm(total=config.train.max_steps, initial=start, desc=f"grokking a{task.op}b mod {task.p}", unit="step")
 
+    group = cyclic_order(task.op, task.p)
+
     def evaluate(step: int, logits: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
         loss_sum, correct = all_reduce_sum(loss.item() * len(y_shard), (logits.argmax(-1) == y_shard).sum().item())
         train = {"train/loss": loss_sum / len(y_train), "train/acc": correct / len(y_train)}
@@ -282,6 +285,10 @@ def train(
         metrics = evaluate(step, logits, loss) if due else {}
         save = stop = False
         snapshot = instrument is not None and instrument.due(step)
+        if snapshot:  # with the snapshot, whose layer_00 holds these embeddings: a replay can recompute it
+            sparsity = {"embed/fourier_gini": fourier_gini(embedding_rows(core, group).cpu().numpy())}
+            hooks.log(sparsity, step)
+            geometry = {**geometry, **sparsity}
         if engine is not None and (snapshot or metrics):
             decision = engine.observe(step, {**geometry, **metrics}, snapshot=snapshot)
             save, stop, history.stop_reason = decision.checkpoint, decision.stop, decision.reason
@@ -323,6 +330,12 @@ def _evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor
         "eval/acc": (test_logits.argmax(-1) == y_test).float().mean().item(),
         "weight_norm": weight_norm.item(),
     }
+
+
+def embedding_rows(model: torch.nn.Module, group: list[int]) -> torch.Tensor:
+    """The input embeddings of the residues (tokens 0 ... p - 1) in the cyclic group's order."""
+    with torch.no_grad():
+        return model.get_input_embeddings().weight[group].float()
 
 
 def _latest_lid(history: History) -> dict[str, str]:
