@@ -141,13 +141,13 @@ SUITE_BASE = [
 ]  # fmt: skip
 
 
-def _client(store: Path = STORE):
+def _client(store: Path | None = None):
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{(store or STORE) / 'mlflow.db'}")
 
 
-def finished_runs(store: Path = STORE, experiment_name: str = EXPERIMENT) -> dict[str, str]:
+def finished_runs(store: Path | None = None, experiment_name: str = EXPERIMENT) -> dict[str, str]:
     """run name -> run id of the FINISHED runs in `store`'s experiment."""
     client = _client(store)
     experiment = client.get_experiment_by_name(experiment_name)
@@ -161,12 +161,14 @@ def run_member(
     name: str,
     overrides: list[str],
     cores: Queue,
-    store: Path = STORE,
+    store: Path | None = None,
     experiment: str = EXPERIMENT,
     base: list[str] = SUITE_BASE,
-    budget: int = BUDGET,
+    budget: int | None = None,
 ) -> tuple[str, int]:
-    """`workbench run configs/grokking.yaml` with `base`, then `overrides`, on a core of its own."""
+    """`workbench run configs/grokking.yaml` with `base`, then `overrides`, on a core of its own; the suite's
+    store and step budget unless told otherwise."""
+    store, budget = store or STORE, budget or BUDGET
     core = cores.get()
     pin = ["taskset", "-c", str(core)] if shutil.which("taskset") else []
     cmd = [
