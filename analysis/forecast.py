@@ -318,6 +318,10 @@ LABEL_FREE_CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
 # v1: the rule as chosen on the suite; v2: v1, and never once test accuracy has reached GROKKED_ACC in the run.
 GROKKING_FORECAST_RULE = "grokking_forecast/v2: eval/loss 5% under its peak and its memorisation value, 3 evals"
 
+GROKKING_FORECAST_LABEL_FREE_RULE = (
+    "grokking_forecast_label_free/v1: embed/fourier_gini 100% over its trough and its memorisation value, 2 snapshots"
+)
+
 FORECASTERS: dict[str, Callable[[], Forecaster]] = {
     # The suite's winner (docs/forecasting.md): test loss 5 % under its post-memorisation peak and under its
     # value at memorisation, 3 evaluations running; onset_ratio is the suite's median ratio of remaining to
@@ -326,5 +330,12 @@ FORECASTERS: dict[str, Callable[[], Forecaster]] = {
     "grokking_forecast": lambda: PrecursorForecaster(
         "grokking_forecast", "eval/loss", move=0.05, onset_ratio=2.4, rule=GROKKING_FORECAST_RULE
     ),
+    # The label-free candidate `best_label_free` picks on the held-out suite (at most one false alarm, then the
+    # most hits): it fired in all 23 held-out grokking runs and 1 of 12 controls, but before test accuracy 0.5
+    # in only 5 (docs/forecasting.md); onset_ratio is its median remaining / elapsed plateau there (in-sample).
+    "grokking_forecast_label_free": lambda: PrecursorForecaster(
+        "grokking_forecast_label_free", "embed/fourier_gini", direction="rise", move=1.0, sustain=2,
+        onset_ratio=0.16, rule=GROKKING_FORECAST_LABEL_FREE_RULE, heldout_labels=False,
+    ),
     "collapse": CollapseDetector,
-}
+}  # fmt: skip

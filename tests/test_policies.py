@@ -336,6 +336,22 @@ def test_a_failing_forecaster_disables_the_rules_on_its_event():
     assert "rule 'protect' disabled: forecaster 'fake_forecast' failed: RuntimeError: boom" in decision.alerts[0]
 
 
+def test_the_label_free_forecast_on_a_run_without_snapshots_is_disabled_with_an_alert_and_the_run_goes_on():
+    from analysis.forecast import FORECASTERS
+
+    hold = {"name": "protect", "when": {"event": "grokking_forecast_label_free"}, "actions": ["hold"]}
+    flat = {"name": "flat", "when": {"metric": "train/acc", "mode": "max", "patience": 5}, "actions": ["stop"]}
+    engine = make_engine(hold, flat, forecasters=[FORECASTERS["grokking_forecast_label_free"]()])
+    decisions = [engine.observe(step, {"train/acc": 1.0}) for step in range(0, 100, 10)]  # no embed/fourier_gini
+    disabled = [(step, a) for step, d in zip(range(0, 100, 10), decisions, strict=True) for a in d.alerts]
+    assert [step for step, alert in disabled if "'protect' disabled" in alert] == [10]  # sustain 2: at the 2nd
+    assert (
+        "rule 'protect' disabled: forecaster 'grokking_forecast_label_free' failed: ValueError: "
+        "embed/fourier_gini is not logged" in decisions[1].alerts[0]
+    )
+    assert [d.stop for d in decisions].index(True) == 5  # the other rule goes on: best at 0, 5 steps not beaten
+
+
 def test_a_metric_the_run_never_logs_is_reported_against_its_keys_and_the_rule_disabled():
     typo = {"name": "typo", "when": {"metric": "eval/accuracy", "mode": "max", "patience": 1}, "actions": ["stop"]}
     absent = {"name": "kl", "when": {"metric": "kl", "above": 10}, "actions": ["stop"]}
