@@ -32,16 +32,17 @@ def fourier_gini(embeddings: np.ndarray) -> float:
     return gini((np.abs(spectrum) ** 2).sum(axis=1))
 
 
-def cyclic_order(op: str, p: int) -> list[int]:
-    """The residues mod a prime `p` in the order of the cyclic group that `op` works in: 0, 1, ..., p - 1 for
-    + and -; for * and / the multiplicative group 1 ... p - 1 as powers g^0, g^1, ... of its smallest
-    generator g (a primitive root), so multiplication is addition of exponents."""
+def cyclic_order(op: str, p: int) -> list[int] | None:
+    """The residues mod `p` in the order of the cyclic group that `op` works in: 0, 1, ..., p - 1 for + and -;
+    for * and / the multiplicative group 1 ... p - 1 as powers g^0, g^1, ... of its smallest generator g (a
+    primitive root), so multiplication is addition of exponents. None where there is no such group: another
+    op (x^2+xy+y^2 is no group's operation), or * mod a `p` whose units are not cyclic."""
     if op in ("+", "-"):
         return list(range(p))
     if op not in ("*", "/"):
-        raise ValueError(f"op must be one of + - * /, got {op!r}")
+        return None
     for g in range(1, p):
         powers = [pow(g, k, p) for k in range(p - 1)]
         if len(set(powers)) == p - 1:
             return powers
-    raise ValueError(f"{p} has no primitive root: is it prime?")
+    return None

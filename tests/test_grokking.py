@@ -171,3 +171,9 @@ def test_a_forecast_is_logged_as_an_event_and_reported_in_the_summary(tracking_u
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "event/grokking_forecast")
     assert [(m.step, m.value) for m in history] == [(10, 1.0)]
     assert "step 10: forecast 'grokking_forecast' fired: predicted_onset_step=30" in capsys.readouterr().out
+
+
+def test_an_op_on_no_cyclic_group_runs_without_the_fourier_sparsity(tracking_uri, run_grokking):
+    run = run_grokking("task.op=x^2+xy+y^2")  # no group order to read the embeddings in
+    assert run.info.status == "FINISHED"
+    assert "embed/fourier_gini" not in run.data.metrics and "geom/eff_rank/layer_01" in run.data.metrics

@@ -285,7 +285,7 @@ def train(
         metrics = evaluate(step, logits, loss) if due else {}
         save = stop = False
         snapshot = instrument is not None and instrument.due(step)
-        if snapshot:  # with the snapshot, whose layer_00 holds these embeddings: a replay can recompute it
+        if snapshot and group is not None:  # with the snapshot, whose layer_00 holds these embeddings
             sparsity = {"embed/fourier_gini": fourier_gini(embedding_rows(core, group).cpu().numpy())}
             hooks.log(sparsity, step)
             geometry = {**geometry, **sparsity}
