@@ -42,6 +42,20 @@ def test_split_is_seeded_disjoint_and_sized_by_the_fraction():
     assert not set(one.train_ids.tolist()) & set(one.test_ids.tolist())
 
 
+def test_an_unordered_split_keeps_each_pair_with_its_mirror():
+    ordered = grokking.make_dataset(TaskConfig(op="+", p=7, train_fraction=0.5), seed=0)
+    data = grokking.make_dataset(TaskConfig(op="+", p=7, train_fraction=0.5, split="unordered"), seed=0)
+    train = {tuple(row[:2]) for row in data.inputs[data.train_ids].tolist()}
+    test = {tuple(row[:2]) for row in data.inputs[data.test_ids].tolist()}
+    assert all((b, a) in train for a, b in train) and all((b, a) in test for a, b in test)
+    # 7 * 8 / 2 = 28 unordered pairs, 14 of them trained on: the 7 pairs (a, a) count once, the others twice
+    diagonal = sum(a == b for a, b in train)
+    assert len(train) == diagonal + 2 * (14 - diagonal) and len(train) + len(test) == 49
+    # an ordered split has mirrors on both sides: the test pairs a model can answer from memory
+    ordered_train = {tuple(row[:2]) for row in ordered.inputs[ordered.train_ids].tolist()}
+    assert any((b, a) in ordered_train for a, b in ordered.inputs[ordered.test_ids][:, :2].tolist())
+
+
 def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking, capsys):
     run = run_grokking()
     out = capsys.readouterr().out

@@ -14,6 +14,12 @@ class TaskConfig(Strict):
     op: Literal["+", "-", "*", "/", "x^2+xy+y^2"] = Field("+", description="The binary operation a∘b mod p.")
     p: int = Field(97, ge=2, description="The modulus.")
     train_fraction: float = Field(0.4, gt=0, lt=1, description="Fraction of all (a, b) pairs trained on.")
+    split: Literal["ordered", "unordered"] = Field(
+        "ordered",
+        description="'ordered': each (a, b) goes to the train or test split on its own; 'unordered': (a, b) and "
+        "(b, a) go together, so for a commutative op (+, *) no test pair is answered by its mirror in the train "
+        "split (whose test accuracy otherwise sits near train_fraction, not chance, before the jump).",
+    )
 
     @model_validator(mode="after")
     def _division_needs_a_field(self) -> TaskConfig:

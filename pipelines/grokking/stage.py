@@ -70,9 +70,12 @@ def make_dataset(task: TaskConfig, seed: int) -> ModularData:
         a, b = a[b != 0], b[b != 0]
     targets = _modular_op(task.op, a, b, p)
     inputs = torch.stack([a, b, torch.full_like(a, p)], dim=1)  # token p is "="
-    order = torch.randperm(len(a), generator=torch.Generator().manual_seed(seed))
-    n_train = max(1, round(task.train_fraction * len(a)))
-    return ModularData(inputs, targets, order[:n_train].sort().values, order[n_train:].sort().values)
+    # What is split: each ordered pair, or each unordered one {a, b} with both its orders
+    unit = torch.arange(len(a)) if task.split == "ordered" else torch.minimum(a, b) * p + torch.maximum(a, b)
+    units = unit.unique()
+    order = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(seed))]
+    train = torch.isin(unit, order[: max(1, round(task.train_fraction * len(units)))])
+    return ModularData(inputs, targets, train.nonzero().squeeze(1), (~train).nonzero().squeeze(1))
 
 
 def _modular_op(op: str, a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
