@@ -136,7 +136,8 @@ def members(suite: str) -> list[tuple[str, list[str]]]:
 # What configs/grokking.yaml held when the suites ran: every member starts from it, so a later change of the
 # main job's defaults leaves the suites' runs what they were.
 SUITE_BASE = [
-    "task.op=+", "task.p=59", "task.train_fraction=0.3", "optim.lr=3e-3", "optim.weight_decay=1.0",
+    "task.op=+", "task.p=59", "task.train_fraction=0.3", "task.split=ordered", "optim.lr=3e-3",
+    "optim.weight_decay=1.0",
     "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=1",
 ]  # fmt: skip
 

@@ -1,19 +1,24 @@
 """The main job's default (`configs/grokking.yaml`), chosen by a measured search and confirmed on other seeds.
 
-    python benchmarks/main_job.py search --jobs 2   # the grid on seeds 100, 101 (~12 min on 2 cores; resumable)
+    python benchmarks/main_job.py search --jobs 2   # the grid on seeds 100, 101 (~9 min on 2 cores; resumable)
     python benchmarks/main_job.py confirm           # the chosen setting on seeds 0-4, one run at a time, both cores
     python benchmarks/main_job.py report            # writes benchmarks/results/main_job.{json,md}
 
 What is wanted is grokking as the papers show it (Power et al. 2022, fig. 1): test accuracy at chance long after
-the train split is memorised, then a jump. Addition and multiplication are commutative, so a test pair (b, a)
-whose mirror (a, b) is in the train split is answered from memory: their test accuracy sits near the train
-fraction, not at chance, from memorisation on. The grid is therefore of subtraction (a - b mod p, one of Power
-et al.'s tasks), whose test pairs have no such mirror.
+the train split is memorised, then a jump. Addition is commutative, so a test pair (b, a) whose mirror (a, b) is
+in the train split is answered from memory: with each ordered pair split on its own, about `train_fraction` of
+the test pairs are, and test accuracy sits there, not at chance, from memorisation on. The grid is therefore of
+addition with `task.split=unordered` ((a, b) and (b, a) in the same split). An earlier grid of subtraction, which
+has no mirrors, found no setting (commit a291cd2 holds that script and its results): test accuracy left chance
+at memorisation and most runs fell back after reaching 0.95.
 
-The selection rule, fixed before the search ran: among the settings where both search seeds stay within 5
-points of chance (1/p) until at least 3x the memorisation step and reach test accuracy 0.95 within the step
-budget, the one whose slower seed gets there first. Run time is measured by `confirm` alone (the search runs
-two jobs at once, a core each).
+The selection rule: among the settings where both search seeds stay within 5 points of chance (1/p) until at
+least 3x the memorisation step, reach test accuracy 0.95 within the step budget and still have it at the end of
+the budget, the one whose slower seed gets there first. The first two conditions were fixed before the
+subtraction grid ran; the third was added after this grid's results were seen (the rule without it picked
+train fraction 0.5 and weight decay 2.0, one of whose seeds fell back to 0.86): the confirmation seeds are the
+figures that were not looked at. Run time is measured by `confirm` alone (the search runs two jobs at once, a
+core each).
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from forecast_suite import finished_runs, landmarks, run_member  # noqa: E402
 
 STORE = ROOT / "benchmarks" / ".main_job"
 SEARCH, CONFIRM = "main-job-search", "main-job-confirm"
-BUDGET = 3000  # steps: about 3 min of one core
+BUDGET = 1500  # steps: the main job's train.max_steps
 CHANCE_MARGIN = 0.05  # "within a few points of chance"
+STAYS_AT = 0.95  # test accuracy at the end of the budget: a run that fell back from 0.95 has not generalised
 SEARCH_SEEDS, CONFIRM_SEEDS = (100, 101), (0, 1, 2, 3, 4)
-GRID = {"task.train_fraction": (0.5, 0.6), "optim.weight_decay": (1.0, 2.0)}
-FIXED = ["task.op=-", "task.p=59", "optim.lr=3e-3"]
+GRID = {"task.train_fraction": (0.45, 0.5, 0.55), "optim.weight_decay": (1.0, 2.0)}
+FIXED = ["task.op=+", "task.p=59", "task.split=unordered", "optim.lr=3e-3"]
 
 
 def settings() -> list[list[str]]:
@@ -112,7 +118,10 @@ def choose(search: dict[str, dict]) -> list[str] | None:
         seeds = [search.get(run_name(setting, seed)) for seed in SEARCH_SEEDS]
         if any(m is None for m in seeds):
             continue
-        ok = all(m["generalised"] is not None and (m["plateau_ratio"] or 0) >= 3 for m in seeds)
+        ok = all(
+            m["generalised"] is not None and (m["plateau_ratio"] or 0) >= 3 and m["final_eval_acc"] >= STAYS_AT
+            for m in seeds
+        )
         slower = max((m["generalised"] or BUDGET + 1) for m in seeds)
         if ok and (best_step is None or slower < best_step):
             best, best_step = setting, slower
