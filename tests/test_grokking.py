@@ -56,6 +56,17 @@ def test_an_unordered_split_keeps_each_pair_with_its_mirror():
     assert any((b, a) in ordered_train for a, b in ordered.inputs[ordered.test_ids][:, :2].tolist())
 
 
+def test_probes_of_a_commutative_op_hold_one_order_of_each_pair():
+    data = grokking.make_dataset(TaskConfig(op="+", p=7, train_fraction=0.5), seed=0)
+    pairs = {tuple(row[:2]) for row in data.inputs[data.test_ids].tolist()}
+    both = grokking.make_probe_set(data, 1024, seed=0, one_order=False)
+    one = grokking.make_probe_set(data, 1024, seed=0, one_order=True)
+    assert len(both.ids) == len(pairs)  # every held-out pair fits in 1 024
+    # one order: the held-out (a, b) with a <= b, and no pair with a > b (whichever side its mirror is on)
+    assert {tuple(row[:2]) for row in one.input_ids.tolist()} == {(a, b) for a, b in pairs if a <= b}
+    assert {"+", "*", "x^2+xy+y^2"} == grokking.COMMUTATIVE
+
+
 def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking, capsys):
     run = run_grokking()
     out = capsys.readouterr().out
