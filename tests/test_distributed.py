@@ -71,7 +71,9 @@ def test_two_processes_train_like_one_log_once_and_stop_together(tracking_uri, t
     assert (one.data.tags["workbench.processes"], two.data.tags["workbench.processes"]) == ("1", "2")
     assert two.info.status == "FINISHED"
     client = MlflowClient(tracking_uri)
-    for key in ("train/loss", "train/acc", "eval/acc", "eval/loss", "weight_norm", "geom/lid_twonn/layer_01"):
+    # Geometry by effective rank, a smooth function of the states: TwoNN of ~80 distinct points moves by a few
+    # percent when float16 rounding of states that differ by round-off moves one point's nearest neighbour.
+    for key in ("train/loss", "train/acc", "eval/acc", "eval/loss", "weight_norm", "geom/eff_rank/layer_01"):
         steps_one, values_one = history(client, one.info.run_id, key)
         steps_two, values_two = history(client, two.info.run_id, key)
         # One value per step: only rank 0 logged. Both stopped at the same step, at memorisation.

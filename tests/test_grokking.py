@@ -5,6 +5,7 @@ from mlflow import MlflowClient
 
 import pipelines.grokking.stage as grokking
 from analysis.fourier import cyclic_order, fourier_gini
+from analysis.lid import TwoNN
 from pipelines.grokking.config import TaskConfig
 from workbench.cli import main
 from workbench.config import load_config
@@ -94,6 +95,10 @@ def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking
     # one order of each held-out pair {a, b} (66 of them for p = 11; + is commutative): all fit in 1024 probes
     assert n_probes == 66 - round(fraction * 66)
     assert snaps.layers["layer_01"].shape == (3, 3 * n_probes, 32)  # token pooling: 3 tokens per probe
+    # The logged geometry is that of the stored (float16) states: `workbench analyze` recomputes it exactly
+    twonn = client.get_metric_history(run.info.run_id, "geom/lid_twonn/layer_01")
+    from_stored = [TwoNN().fit(states.astype("float32")).dimension_ for states in snaps.layers["layer_01"]]
+    assert [m.value for m in twonn] == pytest.approx(from_stored, rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "snapshots", "model"} <= artifacts
     # The embeddings' Fourier sparsity is logged with each snapshot, and is what layer_00 of that snapshot (the

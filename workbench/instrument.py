@@ -15,7 +15,7 @@ from workbench import tags
 from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
 from workbench.geometry import compute_geometry
-from workbench.snapshots import Pooler, ProbeSet, SnapshotWriter, layer_name
+from workbench.snapshots import Pooler, ProbeSet, SnapshotWriter, layer_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -63,12 +63,16 @@ class Instrument:
         states = self._pooled_states(model)
         if self.writer is None:
             self._start(states)
-        kept = {layer_name(i): states[i] for i in self.layers}
+        # Geometry reads the states as stored (snapshot.dtype), so `workbench analyze` recomputes what was logged,
+        # and copies of one state that float32 round-off set apart (a causal model's first position is one state
+        # for every probe starting with that token, computed in batches of other shapes) stay the duplicates
+        # they are instead of near-duplicates, which drive TwoNN towards 0.
+        kept = {layer_name(i): states[i].to(torch_dtype(self.config.dtype)) for i in self.layers}
         self.writer.write(step, kept)
         metrics: dict[str, float] = {}
         seconds: Counter[str] = Counter()
         for name, points in kept.items():
-            values, cost = self._geometry(name, points)
+            values, cost = self._geometry(name, points.float())
             metrics.update({f"geom/{metric}/{name}": value for metric, value in values.items()})
             seconds.update(cost)
         self.tracker.log_metrics(metrics, step)

@@ -140,7 +140,7 @@ class SnapshotWriter:
         if not kept(self.keep, self.every, step):
             self.index["dropped"].append(step)
         else:
-            dtype = _torch_dtype(self.index["dtype"])
+            dtype = torch_dtype(self.index["dtype"])
             with tempfile.TemporaryDirectory(prefix="workbench-snapshot-") as tmp:
                 path = Path(tmp) / snapshot_file(step)
                 save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in layers.items()}, str(path))
@@ -150,7 +150,7 @@ class SnapshotWriter:
         self.tracker.log_text(json.dumps(self.index), f"{SNAPSHOT_DIR}/{INDEX_FILE}")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float16": torch.float16, "float32": torch.float32}[name]
