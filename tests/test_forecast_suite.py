@@ -49,6 +49,15 @@ def test_suite_subset_trains_replays_and_reports(tmp_path, monkeypatch):
         assert scored["false_alarms"] == 0 and scored["false_alarm_rate_95ci"] == [0.0, 0.658]
         assert scored["hit_rate_95ci"] is None  # no grokking run: no rate to bound
     assert heldout["leave_one_out"]["label_free"]["fire_steps"] == {"tiny-s0": None, "tiny-s1": None}
+    assert set(heldout["second_batch"]) >= {"shipped", "label_free/fourier_gini_rise_100"}
+
+    # ... and as the unordered suite: the same report under its own name, with no second batch to score apart
+    monkeypatch.setattr(forecast_suite, "UNORDERED_SUITE", members)
+    forecast_suite.cmd_report(argparse.Namespace(out=out, suite="unordered"))
+    unordered = json.loads((out / "forecast_unordered.json").read_text())
+    assert unordered["forecasters"] == heldout["forecasters"] and "second_batch" not in unordered
+    page = (out / "forecast_unordered.md").read_text()
+    assert "unordered split" in page and "second batch" not in page and "| tiny-s1 | control |" in page
 
 
 def test_wilson_interval_matches_the_closed_form_at_the_edges():
