@@ -92,12 +92,16 @@ def measure(run_id: str, experiment_store: Path = STORE) -> dict:
     chance = 1 / int(run.data.params["task.p"])
     after = [s for s in sorted(by_step) if marks["memorised"] is not None and s >= marks["memorised"]]
     left_chance = next((s for s in after if by_step[s]["eval/acc"] > chance + CHANCE_MARGIN), None)
+    since = [by_step[s]["eval/acc"] for s in sorted(by_step) if marks["generalised"] and s >= marks["generalised"]]
     twonn = sorted(k for k in histories if k.startswith("geom/lid_twonn/layer_"))
     return {
         **marks,
         "left_chance": left_chance,
         "plateau_ratio": None if left_chance is None or not marks["memorised"] else left_chance / marks["memorised"],
         "final_eval_acc": histories["eval/acc"][1][-1],
+        # loss spikes after generalising (train and test accuracy fall for a few evaluations, then recover)
+        "evals_under_0.9_after": sum(a < 0.9 for a in since) if since else None,
+        "min_eval_acc_after": min(since) if since else None,
         "last_layer_twonn": histories[twonn[-1]][1][-1] if twonn else None,
         "run_s": (run.info.end_time - run.info.start_time) / 1000,
         # wall time from the run's start to the evaluation that first read test acc >= 0.95
@@ -170,14 +174,15 @@ def markdown(result: dict) -> str:
 
     header = (
         "| run | memorised | left chance (+5 pts) | plateau / memorisation | test acc 0.5 | test acc 0.95 "
-        "| final test acc "
-        "| last layer TwoNN | s to test acc 0.95 | run time (s) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| final test acc | evals under 0.9 after 0.95 (lowest) "
+        "| last layer TwoNN | s to test acc 0.95 | run time (s) |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
 
     def rows(runs: dict) -> list[str]:
         return [
             f"| {name} | {f(m['memorised'])} | {f(m['left_chance'])} | {f(m['plateau_ratio'], '{:.1f}')} "
             f"| {f(m['grokked'])} | {f(m['generalised'])} | {m['final_eval_acc']:.3f} "
+            f"| {f(m['evals_under_0.9_after'])} ({f(m['min_eval_acc_after'], '{:.2f}')}) "
             f"| {f(m['last_layer_twonn'], '{:.2f}')} | {f(m['s_to_generalised'], '{:.0f}')} | {m['run_s']:.0f} |"
             for name, m in runs.items()
         ]

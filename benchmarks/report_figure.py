@@ -1,5 +1,5 @@
 """docs/report.png, the README's picture of a run's report.html: the main job, shortened to 600 steps (it memorises
-at ~50, the forecast fires at ~140, it groks at ~400 and generalises at ~540), run into a throw-away sqlite store;
+at 50, the forecast fires at 120, it groks at 330 and generalises at 440), run into a throw-away sqlite store;
 then the run's own report.html artifact is opened in Chromium (headless, the system's /usr/bin/chromium, as the
 app's browser tests) and the picture is its top (the runs table and the first two curves) above the heatmap and
 per-layer lines of `lid_twonn`.
