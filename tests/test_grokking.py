@@ -65,7 +65,13 @@ def test_probes_of_a_commutative_op_hold_one_order_of_each_pair():
     assert len(both.ids) == len(pairs)  # every held-out pair fits in 1 024
     # one order: the held-out (a, b) with a <= b, and no pair with a > b (whichever side its mirror is on)
     assert {tuple(row[:2]) for row in one.input_ids.tolist()} == {(a, b) for a, b in pairs if a <= b}
-    assert {"+", "*", "x^2+xy+y^2"} == grokking.COMMUTATIVE
+
+    # COMMUTATIVE names exactly the ops whose answer for (b, a) is the one for (a, b), computed from the ops
+    for op in ("+", "-", "*", "/", "x^2+xy+y^2"):
+        every = grokking.make_dataset(TaskConfig(op=op, p=7, train_fraction=0.5), seed=0)
+        answer = {tuple(row[:2]): y for row, y in zip(every.inputs.tolist(), every.targets.tolist(), strict=True)}
+        mirrored = all(answer[b, a] == y for (a, b), y in answer.items() if (b, a) in answer)
+        assert mirrored == (op in grokking.COMMUTATIVE), op
 
 
 def test_tiny_run_logs_metrics_snapshots_and_geometry(tracking_uri, run_grokking, capsys):
