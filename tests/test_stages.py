@@ -89,6 +89,48 @@ def write_jsonl(path, rows):
     return path
 
 
+def test_chat_template_rows_are_the_same_task_as_conversations_and_score_the_same():
+    text = ReversalTask(GoldTaskConfig(n_train=20, n_eval=4), seed=3)
+    chat = ReversalTask(GoldTaskConfig(n_train=20, n_eval=4, chat_template=True), seed=3)
+    for plain, turns in zip(
+        text.sft_rows() + text.preference_rows(), chat.sft_rows() + chat.preference_rows(), strict=True
+    ):
+        assert turns["prompt"] == [{"role": "user", "content": plain["prompt"]}]
+        for key in set(plain) - {"prompt"}:  # completion; chosen and rejected
+            assert turns[key] == [{"role": "assistant", "content": plain[key].strip()}]
+    assert chat.rl_prompts("eval") == [
+        {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in text.rl_prompts("eval")
+    ]
+    # TRL hands reward functions conversational prompts and completions as lists of messages.
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse a b c d ="}]
+    answers = [[{"role": "assistant", "content": c}] for c in ("d c b a", "d c b a e", "a b c d")]
+    assert gold_reward([prompt] * 3, answers) == [1.0, 0.8, 0.0]
+
+
+def test_held_out_check_asks_conversational_prompts_through_the_chat_template(monkeypatch):
+    from pipelines.lm import supervised
+
+    tokenizer = train_tokenizer(["reverse a b ="], 270)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    rows = ReversalTask(GoldTaskConfig(letters=4, n_eval=2, chat_template=True)).sft_rows("eval")
+    asked = []
+
+    def answer(model, tokenizer, prompts, max_new_tokens, sample=False):
+        asked.append(list(prompts))
+        right = [" ".join(reversed(letters_of(p.split(">")[1]))) for p in prompts]
+        return right if not sample else [a if i % 4 == 0 else "x" for i, a in enumerate(right)]  # 1 in 4 right
+
+    monkeypatch.setattr(supervised, "generate", answer)
+    metrics = supervised.held_out_check(None, tokenizer, rows, "prompt_completion", True, 8)
+    assert asked[0] == [f"<user>{r['prompt'][0]['content']}\n<assistant>" for r in rows]
+    assert len(asked[1]) == supervised.GOLD_SAMPLES * len(rows)
+    assert metrics["gold/greedy_accuracy"] == metrics["eval/exact_match"] == 1.0
+    assert metrics["gold/accuracy"] == 0.25
+
+
 def test_jsonl_problems_name_the_file_and_line(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
@@ -203,6 +245,44 @@ def test_sft_on_conversations_uses_the_models_chat_template(store, saved_model, 
     assert "train/loss" in run.data.metrics and "geom/eff_rank/layer_01" in run.data.metrics
 
 
+@pytest.fixture(scope="module")
+def chat_model(saved_model, tmp_path_factory):
+    """The tiny saved model with a chat template, as an instruction-tuned model has."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chat_model")
+    shutil.copytree(saved_model, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("sft.yaml", []), ("dpo.yaml", []), ("grpo.yaml", ["group_size=4", "reward.function=gold", "max_new_tokens=8"])],
+)
+def test_the_built_in_task_through_the_chat_template_with_lora(config, extra, store, chat_model):
+    """What configs/real/*.yaml do with the real model: conversational rows, LoRA, the gold check before and after."""
+    from transformers import AutoModelForCausalLM
+
+    client, run = run_stage(
+        store, config, f"model.name_or_path={chat_model}", "task.chat_template=true", "lora.enabled=true", *extra
+    )
+    assert run.info.status == "FINISHED", run.data.tags.get("workbench.error")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "gold/accuracy")]
+    assert steps[0] == 0 and steps[-1] == 6
+    assert "geom/eff_rank/layer_01" in run.data.metrics  # probes from conversational rows
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", tracking_uri=store)
+    merged = AutoModelForCausalLM.from_pretrained(local)  # the adapters are merged: a plain model
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
 def test_a_policy_stops_a_stage_and_its_checkpoint_is_kept_in_the_run(store, saved_model, capsys):
     rule = "[{name: first-loss, when: {metric: train/loss, above: -1}, actions: [checkpoint, stop]}]"
     client, run = run_stage(store, "sft.yaml", f"model.name_or_path={saved_model}", f"policies={rule}")
@@ -255,11 +335,13 @@ def test_sft_without_a_model_first_pretrains_one_as_a_nested_run(store):
         ("empty", r"data.path: .*empty.jsonl is empty"),
         ("missing_model", r"model.name_or_path: .*nowhere is not a directory"),
         ("mismatched_tokenizer", r"model.name_or_path: .*the tokenizer has \d+ tokens but the model's embedding"),
+        ("no_chat_template", r"task.chat_template: the tokenizer of .* has no chat template"),
+        ("chat_template_on_a_built_model", r"task.chat_template: the models the workbench builds have no chat"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_file_or_field_and_exit_2(case, message, store, saved_model, tmp_path, capsys):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", ReversalTask(GoldTaskConfig(n_train=8)).preference_rows())
-    model, data = saved_model, pairs
+    model, data, extra = saved_model, pairs, []
     if case == "wrong_columns":
         data = write_jsonl(tmp_path / "bad.jsonl", [{"text": "hello"}])
     elif case == "empty":
@@ -267,12 +349,16 @@ def test_bad_input_is_one_line_naming_the_file_or_field_and_exit_2(case, message
         data.write_text("")
     elif case == "missing_model":
         model = tmp_path / "nowhere"
+    elif case in ("no_chat_template", "chat_template_on_a_built_model"):
+        extra = ["task.chat_template=true"]
+        model = None if case == "chat_template_on_a_built_model" else model
     else:
         model = tmp_path / "mismatched"
         shutil.copytree(saved_model, model)
         bigger = train_tokenizer(["other words"], 270)
         bigger.add_tokens([f"<extra_{i}>" for i in range(50)])  # more tokens than the model has embeddings
         bigger.save_pretrained(model)
-    run_stage(store, "dpo.yaml", f"model.name_or_path={model}", f"data.path={data}", exit_code=2)
+    overrides = [f"data.path={data}", *extra] + ([f"model.name_or_path={model}"] if model is not None else [])
+    run_stage(store, "dpo.yaml", *overrides, exit_code=2)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("workbench: error:")]
     assert len(errors) == 1 and re.search(message, errors[0]), errors

@@ -386,7 +386,7 @@ def _encode_row(row: Any, tokenizer: Any) -> tuple[list[int], int | None]:
         return _tokenize(tokenizer, row["text"]), None
     if "messages" in row:
         return _tokenize(tokenizer, row["messages"]), None
-    answer = row.get("completion", row.get("chosen", ""))
+    answer = row.get("completion", row.get("chosen", [] if isinstance(row["prompt"], list) else ""))
     prompt = _tokenize(tokenizer, row["prompt"])
     # Strings concatenate, and so do conversational prompt/answer lists of messages.
     return _tokenize(tokenizer, row["prompt"] + answer), len(prompt)

@@ -62,6 +62,12 @@ class GoldTaskConfig(Strict):
         description="Labeller bias: utility per extra letter of an answer, added to its gold reward when "
         "preferences and rankings are labelled (0: an unbiased labeller; > 0 rewards longer answers).",
     )
+    chat_template: bool = Field(
+        False,
+        description="Rows in TRL's conversational form (the prompt a user turn, each answer an assistant turn), "
+        "so trainers and the gold check go through the model's chat template, as an instruction-tuned model "
+        "(smollm2-135m-instruct) is used; the model's tokenizer must have one.",
+    )
 
 
 class SupervisedTrainConfig(TrainConfig):
@@ -116,6 +122,15 @@ class _LMStageConfig(StageConfig):
             check_built_model_layers(self.snapshot, self.model.num_layers)
         return self
 
+    @model_validator(mode="after")
+    def _chat_template_needs_a_loaded_model(self) -> _LMStageConfig:
+        if self.task.chat_template and self.model.name_or_path is None:
+            raise ValueError(
+                "task.chat_template: the models the workbench builds have no chat template; set model.name_or_path "
+                "to one that has (e.g. smollm2-135m-instruct) or task.chat_template=false"
+            )
+        return self
+
 
 class _SupervisedStageConfig(_LMStageConfig):
     data: DataConfig = DataConfig()
@@ -141,6 +156,7 @@ class RewardStageConfig(_SupervisedStageConfig):
 class DPOStageConfig(_SupervisedStageConfig):
     stage: Literal["dpo"] = "dpo"
     train: DPOTrainConfig = DPOTrainConfig()
+    lora: LoraSettings = LoraSettings()
     beta: float = Field(0.1, gt=0, description="DPO's beta: strength of the implicit KL penalty to the reference.")
     sft_weight: float = Field(
         0.0,
@@ -202,3 +218,9 @@ class PPOStageConfig(_RLStageConfig):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of GAE.")
     lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE (Schulman et al. 2016).")
     vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+
+    @model_validator(mode="after")
+    def _text_prompts_only(self) -> PPOStageConfig:
+        if self.task.chat_template:  # its own rollout loop samples from text prompts
+            raise ValueError("task.chat_template: the ppo stage samples from text prompts; use the grpo stage")
+        return self

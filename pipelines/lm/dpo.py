@@ -1,6 +1,7 @@
 """Direct preference optimisation (DPO; Rafailov et al. 2023) with TRL's DPOTrainer and a frozen reference.
 
-The policy pi_theta starts as the SFT model; the reference pi_ref is a frozen copy of it. For a prompt x with
+The policy pi_theta starts as the SFT model; the reference pi_ref is a frozen copy of it (with LoRA, `lora.enabled`,
+the same model with its adapters switched off). For a prompt x with
 preferred answer y_w and rejected y_l, DPO minimises (eq. 7)
 
     -log sigma( beta * log pi_theta(y_w|x) / pi_ref(y_w|x)  -  beta * log pi_theta(y_l|x) / pi_ref(y_l|x) )
@@ -36,7 +37,9 @@ def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
     device, task = supervised.stage_start(config)
     train_rows, eval_rows, fmt = load_stage_data(config.data, "dpo", ("preference",), task.preference_rows, config.seed)
     policy, tokenizer = supervised.starting_model(config, tracker)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the starting policy, frozen
+    peft_config = supervised.lora_config(config.lora)
+    # pi_ref: the starting policy, frozen; with LoRA it is the policy with its adapters off (no second copy).
+    reference = None if peft_config else copy.deepcopy(policy).eval().requires_grad_(False)
     tracker.set_tags({tags.DEVICE: device, tags.DATA_FORMAT: fmt})
 
     gold = config.data.path is None
@@ -63,6 +66,7 @@ def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tokenizer,
+            peft_config=peft_config,
         )
         callback = supervised.instrument_trainer(trainer, config, tracker)
         before = check()
@@ -78,4 +82,5 @@ def run(config: DPOStageConfig, tracker: Tracker) -> StageResult:
     for key in ("gold/accuracy", "eval/exact_match"):
         if key in after:
             summary.append(f"{key}: {before[key]:.3f} before DPO -> {after[key]:.3f} after")
-    return supervised.stage_result(callback, config, tracker, trainer.model, tokenizer, after, summary)
+    model = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
+    return supervised.stage_result(callback, config, tracker, model, tokenizer, after, summary)

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.lm.models import load_pretrained
-from pipelines.lm.task import ReversalTask, gold_reward
+from pipelines.lm.task import ReversalTask, gold_reward, text_of
 from workbench import tags
 from workbench.artifacts import MODEL_DIR, log_pretrained, log_tree, model_checkpoint_path
 from workbench.callback import WorkbenchCallback
+from workbench.errors import WorkbenchError
 from workbench.launch import run_nested
 from workbench.runtime import resolve_device
 from workbench.stages import StageResult, stage_config_class
@@ -102,7 +103,13 @@ def starting_model(
     """`model.name_or_path`, or else the previous stage trained now on the built-in task with its defaults
     (this stage's seed, device, model sizes and task), as a nested run."""
     if config.model.name_or_path is not None:
-        return load_pretrained(config.model.name_or_path, tracker.tracking_uri, head)
+        model, tokenizer = load_pretrained(config.model.name_or_path, tracker.tracking_uri, head)
+        if config.task.chat_template and tokenizer.chat_template is None:
+            raise WorkbenchError(
+                f"task.chat_template: the tokenizer of {config.model.name_or_path} has no chat template; set "
+                "task.chat_template=false"
+            )
+        return model, tokenizer
     previous = stage_config_class(PREVIOUS_STAGE[config.stage])(
         seed=config.seed,
         device=config.device,
@@ -163,20 +170,22 @@ def held_out_check(
     gold: bool,
     max_new_tokens: int,
 ) -> dict[str, float]:
-    """Answers to held-out prompts, scored; {} for data without plain-text prompts (text, messages).
+    """Answers to held-out prompts, scored; {} for data without prompts (text, messages).
 
     Greedy answers against the references (the completion, or a pair's chosen answer): `eval/exact_match`
     and ROUGE-L F1 (`rouge-score`). With a gold check (the built-in task): `gold/greedy_accuracy`, and over
     `GOLD_SAMPLES` answers per prompt sampled at temperature 1, `gold/accuracy` (share exactly right: the
-    policy's probability of answering right) and `gold/reward` (mean partial credit).
+    policy's probability of answering right) and `gold/reward` (mean partial credit). Conversational prompts
+    are answered through the tokenizer's chat template, as the trainers present them.
     """
     from rouge_score import rouge_scorer
 
     reference = {"prompt_completion": "completion", "preference": "chosen"}.get(fmt)
-    rows = [r for r in rows[:MAX_CHECKED_PROMPTS] if isinstance(r.get("prompt"), str)]
+    rows = [r for r in rows[:MAX_CHECKED_PROMPTS] if isinstance(r.get("prompt"), str | list)]
     if reference is None or not rows:
         return {}
-    prompts, references = [r["prompt"] for r in rows], [r[reference] for r in rows]
+    questions, references = [text_of(r["prompt"]) for r in rows], [text_of(r[reference]) for r in rows]
+    prompts = [generation_prompt(tokenizer, r["prompt"]) for r in rows]
     greedy = generate(model, tokenizer, prompts, max_new_tokens)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     pairs = list(zip(greedy, references, strict=True))
@@ -185,12 +194,21 @@ def held_out_check(
         "eval/rougeL": _mean(scorer.score(r, c)["rougeL"].fmeasure for c, r in pairs),
     }
     if gold:
-        metrics["gold/greedy_accuracy"] = _mean(r == 1.0 for r in gold_reward(prompts, greedy))
+        metrics["gold/greedy_accuracy"] = _mean(r == 1.0 for r in gold_reward(questions, greedy))
         repeated = [p for p in prompts for _ in range(GOLD_SAMPLES)]
-        rewards = gold_reward(repeated, generate(model, tokenizer, repeated, max_new_tokens, sample=True))
+        answers = generate(model, tokenizer, repeated, max_new_tokens, sample=True)
+        rewards = gold_reward([q for q in questions for _ in range(GOLD_SAMPLES)], answers)
         metrics["gold/accuracy"] = _mean(r == 1.0 for r in rewards)
         metrics["gold/reward"] = _mean(rewards)
     return metrics
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> str:
+    """The text a model continues: a conversational prompt rendered by the chat template, up to the assistant's
+    turn (as TRL renders it for generation); a text prompt as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -52,15 +52,21 @@ def letters_of(prompt: str) -> list[str]:
     return words[start:end]
 
 
-def gold_reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
+def text_of(content: str | list[dict[str, str]]) -> str:
+    """A prompt or answer as text: a conversational one (a list of chat messages) is its last message's content."""
+    return content[-1]["content"] if isinstance(content, list) else content
+
+
+def gold_reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
     """Share of answer positions that are right, over the longer of answer and target: 1.0 only when exact.
 
-    The signature is TRL's reward-function one (`prompts`, `completions`, extra columns as keywords).
+    The signature is TRL's reward-function one (`prompts`, `completions`, extra columns as keywords); prompts and
+    completions are text, or lists of chat messages as TRL passes them for conversational data.
     """
     rewards = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        target = list(reversed(letters_of(prompt)))
-        answer = completion.split()
+        target = list(reversed(letters_of(text_of(prompt))))
+        answer = text_of(completion).split()
         right = sum(a == t for a, t in zip(answer, target, strict=False))
         rewards.append(right / max(len(target), len(answer), 1))
     return rewards
@@ -105,7 +111,7 @@ class ReversalTask:
             lines.append(rng.choice(PRETRAIN_TEMPLATES).format(s=" ".join(letters), r=answer))
         return lines
 
-    def sft_rows(self, split: str = "train") -> list[dict[str, str]]:
+    def sft_rows(self, split: str = "train") -> list[dict[str, Any]]:
         """Demonstrations, `sft_noise` of them wrong (none of the held-out references)."""
         rng = self._rng("sft", split)
         noise = self.config.sft_noise if split == "train" else 0.0
@@ -113,15 +119,15 @@ class ReversalTask:
         for letters in self._strings(split, "sft"):
             wrong = rng.random() < noise
             answer = self.mistake(letters, rng.choice(MISTAKES), rng) if wrong else answer_of(letters)
-            rows.append({"prompt": prompt_of(letters), "completion": answer})
+            rows.append(self._row(prompt=prompt_of(letters), completion=answer))
         return rows
 
-    def rl_prompts(self, split: str = "train") -> list[dict[str, str]]:
-        return [{"prompt": prompt_of(s)} for s in self._strings(split, "rl")]
+    def rl_prompts(self, split: str = "train") -> list[dict[str, Any]]:
+        return [self._row(prompt=prompt_of(s)) for s in self._strings(split, "rl")]
 
     # --- labelled comparisons -------------------------------------------------------------------------
 
-    def preference_rows(self, split: str = "train") -> list[dict[str, str]]:
+    def preference_rows(self, split: str = "train") -> list[dict[str, Any]]:
         """One pair per prompt: the correct answer against one mistake, ordered by the labeller."""
         rng = self._rng("pairs", split)
         rows = []
@@ -129,7 +135,7 @@ class ReversalTask:
             prompt = prompt_of(letters)
             a, b = answer_of(letters), self.mistake(letters, rng.choice(MISTAKES), rng)
             chosen, rejected = sorted((a, b), key=lambda c: -self.utility(prompt, c))
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            rows.append(self._row(prompt=prompt, chosen=chosen, rejected=rejected))
         return rows
 
     def ranking_rows(self, split: str = "train", candidates: int = 4) -> list[dict[str, Any]]:
@@ -173,6 +179,15 @@ class ReversalTask:
         return " " + " ".join(answer)
 
     # --- helpers ----------------------------------------------------------------------------------------
+
+    def _row(self, prompt: str, **answers: str) -> dict[str, Any]:
+        """A row as text, or with `chat_template` in TRL's conversational form: a user turn, assistant answers."""
+        if not self.config.chat_template:
+            return {"prompt": prompt, **answers}
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            **{k: [{"role": "assistant", "content": v.strip()}] for k, v in answers.items()},
+        }
 
     def _strings(self, split: str, purpose: str) -> list[list[str]]:
         if split == "eval":
