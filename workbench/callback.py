@@ -7,7 +7,8 @@ One object added to `transformers.Trainer(callbacks=[...])` or any TRL trainer b
   `output_hidden_states=True` and `Instrument` writes a snapshot and logs `geom/<feature>/layer_<i>`;
 - the trainer's own logs go to the same MLflow run under the workbench's names (`loss` -> `train/loss`,
   `eval_loss` -> `eval/loss`, `learning_rate` -> `lr`, `eval_<x>` -> `eval/<x>`), TRL's keys as they are;
-- only the main process (rank 0) snapshots and logs;
+- only the main process (rank 0) snapshots and logs; with sharded parameters (FSDP) every rank runs the probe
+  forward passes with it, as each gathers the parameters from all ranks;
 - instrumentation never ends training: an error in the callback's own work (probes, hidden states, geometry,
   policies, logging) becomes one alert (stderr, and `event/callback_<part>` with its tag in the run) and that
   part stops while training goes on; `strict=True` raises it instead. Settings are checked when the callback is
@@ -37,10 +38,10 @@ from workbench.config import (
     load_callback_config,
 )
 from workbench.errors import WorkbenchError, first_line
-from workbench.instrument import Instrument
+from workbench.instrument import Instrument, probe_forward
 from workbench.launch import base_tags, start_run
 from workbench.policies import PolicyEngine, load_rules, log_alert
-from workbench.runtime import broadcast_flags, distributed
+from workbench.runtime import all_reduce_sum, broadcast_flags, broadcast_text, distributed
 from workbench.snapshots import ProbeSet, choose_probe_ids
 
 if TYPE_CHECKING:
@@ -108,7 +109,10 @@ class WorkbenchCallback(TrainerCallback):
         self.probes = probes
         self.seed = seed
         self.rules = load_rules(policies if policies else [], "policies", policy_dir)  # a bad rule fails here
-        self.instrument: Instrument | None = None
+        self.instrument: Instrument | None = None  # rank 0's
+        # With sharded parameters (`_sharded`) every rank runs the probe forward passes, the others with `_probe`.
+        self._collective = False
+        self._probe: ProbeSet | None = None
         self.engine: PolicyEngine | None = None
         self.strict = strict
         self.disabled: dict[str, str] = {}  # part -> why it stopped: snapshots, policies, logging
@@ -139,21 +143,28 @@ class WorkbenchCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         _refuse_mlflow_callback(args)  # again, for a callback added after the trainer was built
+        step = state.global_step
+        # Sharded parameters are gathered from every rank in each forward pass: then every rank runs the probes.
+        self._collective = distributed() and _sharded(kwargs["model"])
         if not state.is_world_process_zero:
+            if self._collective:  # the same probes as rank 0 (seeded), to run the same forward passes
+                self._probe = self._guard("snapshots", step, lambda: self._probe_set_on_device(kwargs))
+                self._check_probes_agree(step)
+                self._snapshot(kwargs["model"], step)
             return
         if self.tracker is None:
             self.tracker = self._start_run(args, kwargs["model"])
             # Callbacks hear of no exception: a run whose training dies is ended at exit, FAILED, its logs kept.
             atexit.register(self._end_abandoned_run)
-        step = state.global_step
         # An engine even without rules, as in the workbench's own loops: forecasters run, `workbench stop` works.
         self.engine = self._guard("policies", step, lambda: PolicyEngine(self.rules, tracker=self.tracker))
         self.instrument = self._guard("snapshots", step, lambda: self._start_instrument(kwargs))
+        if self._collective:
+            self._check_probes_agree(step)
         self._snapshot(kwargs["model"], step)  # a decision at step 0 is acted on after the first step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.instrument is not None:
-            self._snapshot(kwargs["model"], state.global_step)
+        self._snapshot(kwargs["model"], state.global_step)
         self._act(control, every_rank=True)  # every rank reaches each step end: there rank 0's decision is shared
 
     def on_log(
@@ -218,17 +229,49 @@ class WorkbenchCallback(TrainerCallback):
         return start_run(self.tracking, run_tags, {**params, "seed": self.seed}, every_rank=False)
 
     def _start_instrument(self, trainer_kwargs: Mapping[str, Any]) -> Instrument:
+        return Instrument(self.snapshot, self._probe_set_on_device(trainer_kwargs), self.tracker, seed=self.seed)
+
+    def _probe_set_on_device(self, trainer_kwargs: Mapping[str, Any]) -> ProbeSet:
         rows = _dataset(trainer_kwargs.get("eval_dataloader"))
         rows = _dataset(trainer_kwargs.get("train_dataloader")) if rows is None else rows
         device = next(trainer_kwargs["model"].parameters()).device
-        probe = self._probe_set(trainer_kwargs.get("processing_class"), rows).to(str(device))
-        return Instrument(self.snapshot, probe, self.tracker, seed=self.seed)
+        return self._probe_set(trainer_kwargs.get("processing_class"), rows).to(str(device))
 
     def _snapshot(self, model: Any, step: int) -> None:
-        if self.instrument is not None and self.instrument.due(step):
-            metrics = self._guard("snapshots", step, lambda: self.instrument(_unwrap(model), step))
-            if metrics is not None:
-                self._observe(step, metrics, snapshot=True)
+        due = self.instrument is not None and self.instrument.due(step)
+        if self._collective:
+            # Rank 0 decides (its snapshots may have stopped after an error) and the others follow, so that all
+            # ranks or none enter the forward passes, whose parameter all-gathers need every rank.
+            (due,) = broadcast_flags(due)
+        if not due:
+            return
+        if self.instrument is None:  # another rank's share of a collective forward: same batches, outputs unused
+            batch_size = self.snapshot.probe_batch_size
+            self._guard("snapshots", step, lambda: probe_forward(_unwrap(model), self._probe, batch_size))
+            return
+        # `take`, not `__call__`: rank 0 told the others a snapshot is due, so it must run whatever `due` says now.
+        # Only the forward passes are collective: pooling, writing and geometry after them are rank 0's alone, so
+        # an error there cannot leave the other ranks waiting.
+        metrics = self._guard("snapshots", step, lambda: self.instrument.take(_unwrap(model), step))
+        if metrics is not None:
+            self._observe(step, metrics, snapshot=True)
+
+    def _check_probes_agree(self, step: int) -> None:
+        """Under FSDP: every rank must hold rank 0's probe set, or their forward passes (their number, at least)
+        would not pair up. Probes are a seeded sample of the same rows, but rows can differ between ranks (a
+        dataset sharded per rank), so this is checked once; where they differ, rank 0 stops snapshots (and with
+        them every rank's forward passes, as it decides when they run)."""
+        probe = self.instrument.probe if self.instrument is not None else self._probe
+        mine = _fingerprint(probe)
+        (differing,) = all_reduce_sum(float(mine != broadcast_text(mine)))
+        if differing and self.instrument is not None:
+            error = WorkbenchError(
+                f"snapshot.probes: {int(differing)} rank(s) built other probes than rank 0 (rows sharded per rank?); "
+                "pass probes= the same rows on every rank"
+            )
+            if self.strict:
+                raise error
+            self._disable("snapshots", step, error)
 
     def _observe(self, step: int, metrics: Mapping[str, float], snapshot: bool = False) -> None:
         if self.engine is not None and (metrics or snapshot):
@@ -310,6 +353,31 @@ def _unwrap(model: Any) -> Any:
     model = extract_model_from_parallel(model)
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def _sharded(model: Any) -> bool:
+    """Whether parameters are sharded over the ranks (FSDP2 holds them as DTensors, FSDP1 in its wrappers), so
+    that a forward pass needs every rank. DDP replicates them: rank 0 runs the probes alone, at no cost to the
+    other ranks' training."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
+
+
+def _fingerprint(probe: ProbeSet | None) -> str:
+    """A probe set's tokens as a short hash, to compare between ranks ("none" without a probe set)."""
+    if probe is None:
+        return "none"
+    import hashlib
+
+    digest = hashlib.sha1()
+    for tensor in (probe.input_ids, probe.attention_mask):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _dataset(dataloader: Any) -> Any:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench import tags
 from workbench.config import SnapshotConfig
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
     from workbench.tracking import Tracker
+
+T = TypeVar("T")
 
 
 class Instrument:
@@ -58,8 +61,11 @@ class Instrument:
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
         """Snapshot and geometry if due at `step`; returns the logged geometry metrics (else {})."""
-        if not self.due(step):
-            return {}
+        return self.take(model, step) if self.due(step) else {}
+
+    def take(self, model: Any, step: int) -> dict[str, float]:
+        """Snapshot and geometry at `step`, due or not: for a caller that decided already (`WorkbenchCallback`
+        under FSDP, whose other ranks run the same forward passes once rank 0 has said so)."""
         states = self._pooled_states(model)
         if self.writer is None:
             self._start(states)
@@ -82,21 +88,11 @@ class Instrument:
     def _pooled_states(self, model: Any) -> list[torch.Tensor]:
         import torch
 
-        was_training = model.training
-        model.eval()
-        batches = []  # per probe batch, the pooled points of every layer
-        batch_size = self.config.probe_batch_size  # all layers' hidden states of a batch are held at once
-        try:
-            with torch.inference_mode():
-                for first in range(0, len(self.probe.ids), batch_size):
-                    out = model(
-                        input_ids=self.probe.input_ids[first : first + batch_size],
-                        attention_mask=self.probe.attention_mask[first : first + batch_size],
-                        output_hidden_states=True,
-                    )
-                    batches.append([self.pooler(hidden.float(), first) for hidden in out.hidden_states])
-        finally:
-            model.train(was_training)
+        def pool(hidden_states: tuple[torch.Tensor, ...], first: int) -> list[torch.Tensor]:
+            return [self.pooler(hidden.float(), first) for hidden in hidden_states]
+
+        # All layers' hidden states of a batch are held at once: `probe_batch_size` bounds them.
+        batches = probe_forward(model, self.probe, self.config.probe_batch_size, pool)
         return [torch.cat(layer) for layer in zip(*batches, strict=True)]
 
     def _start(self, states: list[torch.Tensor]) -> None:
@@ -153,3 +149,44 @@ class Instrument:
                 "snapshots",
                 stacklevel=3,
             )
+
+
+def probe_forward(
+    model: Any,
+    probe: ProbeSet,
+    batch_size: int,
+    pool: Callable[[tuple[torch.Tensor, ...], int], T] | None = None,
+) -> list[T]:
+    """The probe set through `model` in batches with `output_hidden_states=True`; per batch, `pool(hidden_states,
+    first_row)` (nothing kept without `pool`: another rank's share of a collective forward).
+
+    Under FSDP every rank runs these same batches, as each forward gathers the sharded parameters from all ranks.
+    So every batch runs even after `pool` failed on one, and the error is raised after the last: a rank that left
+    early would leave the others waiting in an all-gather.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    pooled: list[T] = []
+    error: Exception | None = None
+    try:
+        # no_grad, not inference_mode: FSDP2 reuses the storage it gathers parameters into, and a training step
+        # cannot update in place a tensor created in inference mode.
+        with torch.no_grad():
+            for first in range(0, len(probe.ids), batch_size):
+                out = model(
+                    input_ids=probe.input_ids[first : first + batch_size],
+                    attention_mask=probe.attention_mask[first : first + batch_size],
+                    output_hidden_states=True,
+                )
+                if pool is not None and error is None:
+                    try:
+                        pooled.append(pool(out.hidden_states, first))
+                    except Exception as exc:
+                        error = exc
+    finally:
+        model.train(was_training)
+    if error is not None:
+        raise error
+    return pooled
