@@ -8,6 +8,7 @@ what was buffered is flushed first in every case.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -130,12 +131,19 @@ def _create_store_aside(db: Path) -> None:
         aside.unlink(missing_ok=True)
 
 
+@functools.cache
+def _schema_head() -> str:
+    """The head revision this MLflow migrates to: read once per process, as alembic reads it from its ~70 migration
+    scripts (0.03-0.1 s a call, and every `open_store` asks)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
 def _wait_for_schema(db: Path) -> None:
     """Return once the file's schema is MLflow's latest, or has not changed for `_SCHEMA_SETTLE_SECONDS` (no one
     is migrating it: opening it then migrates it, or says why it cannot)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision  # the head revision this MLflow migrates to
-
-    head = _get_latest_schema_revision()
+    head = _schema_head()
     seen, still_since = None, time.monotonic()
     while (schema := _sqlite_schema_version(db)) is None or schema[1] != head:
         if schema != seen:
