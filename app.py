@@ -15,6 +15,7 @@ never run.
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from pathlib import Path
@@ -97,6 +98,17 @@ def cached_landmarks(uri: str, runs: tuple[tuple[str, str], ...]) -> dict[str, l
 @st.cache_resource(max_entries=2, show_spinner=False)
 def cached_snapshots(uri: str, run_id: str, fresh: str) -> Snapshots:  # arrays shared, not copied per rerun
     return load_snapshots(run_id, uri)
+
+
+@st.cache_resource(show_spinner=False)
+def freeze_loaded_objects() -> None:
+    """Once per server process, at the end of its first script run, when MLflow, SQLAlchemy, plotly and pandas
+    are loaded: their objects (~330 000) leave the cyclic garbage collector's view for good. Streamlit collects
+    garbage after every script run (`runner.postScriptGC`), and scanning them took 0.24 s each time, also on the
+    Geometry page's first render, while the browser waited for plotly's script from this process (docs/app.md,
+    "Speed"). Reference counting still frees them; what later runs make is still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -471,6 +483,8 @@ def main() -> None:
         PAGE_FUNCTIONS[page](uri, rows)
     except WorkbenchError as exc:
         st.error(str(exc))
+    finally:
+        freeze_loaded_objects()
 
 
 main()
