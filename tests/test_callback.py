@@ -96,7 +96,9 @@ def test_trainer_log_keys_get_workbench_names(logged, stored):
 
 
 def test_plain_trainer_gets_snapshots_geometry_and_its_logs_in_one_run(tracking_uri, tmp_path):
-    config = {"snapshot": {"every": 5, "probes": 8}, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
+    # No overhead budget: a tiny model's snapshots cost more than 5 % of its steps and the interval would stretch.
+    snapshot = {"every": 5, "probes": 8, "max_overhead": None}
+    config = {"snapshot": snapshot, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
     train(WorkbenchCallback.from_config(config, probes=EVAL_ROWS), tmp_path)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("cb").experiment_id])
@@ -151,7 +153,8 @@ def test_grpo_with_the_gold_reward_logs_trls_keys_and_geometry_from_prompt_only_
         gradient_checkpointing=False,
         save_strategy="no",
     )
-    snapshot = {"every": 2, "probes": 8, "pooling": "answer"}  # GRPO's rows are prompts: answer = last prompt token
+    # GRPO's rows are prompts: answer = last prompt token; no overhead budget, so snapshots come every 2 steps.
+    snapshot = {"every": 2, "probes": 8, "pooling": "answer", "max_overhead": None}
     callback = WorkbenchCallback.from_config({"snapshot": snapshot, "tracking": {"uri": tracking_uri}})
     GRPOTrainer(
         model=build_causal_lm(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1), tokenizer),

@@ -57,6 +57,15 @@ class SnapshotConfig(Strict):
         description="Online geometry logged as geom/<feature>/layer_<i> (workbench/geometry.py lists them); "
         "heavy ones (lid_local, tda) cost seconds per snapshot and are better left to `workbench analyze`.",
     )
+    max_overhead: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Largest share of the training time between two snapshots that one snapshot (probe forward, "
+        "writing, online geometry) may cost: when one costs more, `every` doubles until it would not, for the rest "
+        "of the run, with an alert (event/snapshot_interval) and the interval as snapshot/every. Empty: `every` "
+        "stays as set.",
+    )
     geometry_budget_s: float = Field(
         1.0,
         gt=0,
@@ -135,6 +144,14 @@ class CallbackSnapshotConfig(SnapshotConfig):
 
     probes: int = Field(256, gt=0, description="Size of the fixed probe set, sampled from the eval dataset.")
     max_points: int = Field(1024, gt=0, description="Cap on points per snapshot (token pooling).")
+    max_overhead: float | None = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Largest share of the training time between two snapshots that one snapshot may cost; `every` "
+        "doubles when one costs more (as in the stage configs; empty: `every` stays as set). On a real model the "
+        "probe forward costs several training steps, so the callback keeps within 5 % by default.",
+    )
     keep: str = Field(
         "log",
         description="Which snapshot files the run stores, as in the stage configs (all, log, every:N); 'log' bounds "

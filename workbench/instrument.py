@@ -7,6 +7,7 @@ snapshots the probe set and logs geometry when `due(step)`.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from workbench import tags
 from workbench.config import SnapshotConfig
 from workbench.errors import WorkbenchError
 from workbench.geometry import compute_geometry
+from workbench.policies import log_alert
 from workbench.snapshots import Pooler, ProbeSet, SnapshotWriter, layer_name, torch_dtype
 
 if TYPE_CHECKING:
@@ -27,7 +29,9 @@ T = TypeVar("T")
 
 
 class Instrument:
-    """Every `config.every` steps (and at step 0): run the probes, write a snapshot, log geometry."""
+    """Every `config.every` steps (and at step 0): run the probes, write a snapshot, log geometry. With
+    `config.max_overhead`, the interval doubles while a snapshot costs more than that share of the training time
+    between two."""
 
     def __init__(self, config: SnapshotConfig, probe: ProbeSet, tracker: Tracker, seed: int = 0) -> None:
         self.config = config
@@ -37,6 +41,8 @@ class Instrument:
         self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
         self.layers: list[int] = []
         self.online = list(config.geometry)  # shrinks if a snapshot's geometry overruns its time budget
+        self.every = config.every  # doubles when a snapshot costs more than `max_overhead` of the training between
+        self._last: tuple[int, float] | None = None  # (step, clock) at the end of the latest snapshot
         self._warned: set[str] = set()  # problems already reported, so each is said once per run
         self._earlier: dict[str, list[int]] = {"steps": [], "dropped": []}  # a resumed run's snapshots before it
 
@@ -48,6 +54,7 @@ class Instrument:
             "snapshot_steps": list(steps["steps"]),
             "dropped_steps": list(steps["dropped"]),
             "online_geometry": list(self.online),
+            "every": self.every,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -55,9 +62,10 @@ class Instrument:
         # A checkpoint written before `snapshot.keep` existed stored every snapshot: none dropped.
         self._earlier = {"steps": list(state["snapshot_steps"]), "dropped": list(state.get("dropped_steps", []))}
         self.online = list(state["online_geometry"])
+        self.every = state.get("every", self.config.every)  # a checkpoint from before `max_overhead`: as set
 
     def due(self, step: int) -> bool:
-        return self.config.enabled and step % self.config.every == 0
+        return self.config.enabled and step % self.every == 0
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
         """Snapshot and geometry if due at `step`; returns the logged geometry metrics (else {})."""
@@ -66,6 +74,7 @@ class Instrument:
     def take(self, model: Any, step: int) -> dict[str, float]:
         """Snapshot and geometry at `step`, due or not: for a caller that decided already (`WorkbenchCallback`
         under FSDP, whose other ranks run the same forward passes once rank 0 has said so)."""
+        start = time.perf_counter()
         states = self._pooled_states(model)
         if self.writer is None:
             self._start(states)
@@ -83,6 +92,7 @@ class Instrument:
             seconds.update(cost)
         self.tracker.log_metrics(metrics, step)
         self._keep_within_budget(seconds)
+        self._keep_within_overhead(step, start)
         return metrics
 
     def _pooled_states(self, model: Any) -> list[torch.Tensor]:
@@ -128,6 +138,31 @@ class Instrument:
                 self._warned.add(key)
                 warnings.warn(f"geometry of {layer} not logged: {problem}", stacklevel=3)
         return values, seconds
+
+    def _keep_within_overhead(self, step: int, start: float) -> None:
+        """The snapshot that began at `start` against the training since the one before: over `max_overhead` of it,
+        `every` doubles (staying a multiple of `snapshot.every`, so `keep` rules hold) until the same snapshot cost
+        over the same time per step would fit."""
+        now = time.perf_counter()
+        last, self._last = self._last, (step, now)
+        budget = self.config.max_overhead
+        if budget is None or last is None or step <= last[0]:
+            return
+        cost, per_step = now - start, (start - last[1]) / (step - last[0])
+        every = self.every
+        while cost > budget * every * per_step:
+            every *= 2
+        if every == self.every:
+            return
+        message = (
+            f"snapshot interval {self.every} -> {every} steps: the snapshot at step {step} took {cost:.2f} s, "
+            f"{cost / (self.every * per_step):.0%} of the {self.every * per_step:.1f} s of training between two, over "
+            f"snapshot.max_overhead={budget:g}"
+        )
+        self.every = every
+        self.tracker.log_metrics({"snapshot/every": float(every)}, step)
+        log_alert(self.tracker, step, "snapshot_interval", message)
+        warnings.warn(message, stacklevel=3)
 
     def _keep_within_budget(self, seconds: Counter[str]) -> None:
         """Training must not wait on geometry: over budget, the costliest features go offline for good."""
