@@ -24,6 +24,7 @@ page, as it is for anyone who navigates there), "warm" the same page again.
 
     python benchmarks/app_render.py                   # 3 repeats; writes benchmarks/results/app_render.{json,md}
     python benchmarks/app_render.py --scenario real   # writes benchmarks/results/app_render_real.{json,md}
+    python benchmarks/app_render.py --scenario real --layers 2 --snapshots 3   # app_render_real_1x2x3.{json,md}
 """
 
 from __future__ import annotations
@@ -201,6 +202,9 @@ def main() -> None:
     args = parser.parse_args()
     scenario = SCENARIOS[args.scenario]
     runs, layers, snapshots = (getattr(args, k) or scenario[k] for k in ("runs", "layers", "snapshots"))
+    name = scenario["results"]  # another shape than the scenario's goes to a file of its own, named by the shape
+    if (runs, layers, snapshots) != (scenario["runs"], scenario["layers"], scenario["snapshots"]):
+        name += f"_{runs}x{layers}x{snapshots}"
     shape = f"{runs} run{'s' if runs > 1 else ''} x {layers} layers x {snapshots} snapshots"
     with tempfile.TemporaryDirectory(prefix="app-render-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
@@ -235,11 +239,12 @@ def main() -> None:
     )
     extra = f" and the trainer's {', '.join(TRAINER_KEYS)} every {LOG_EVERY} steps" if args.scenario == "real" else ""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{scenario['results']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Geometry page render time" + ("" if args.scenario == "grokking" else f": {args.scenario} model"),
         "",
-        f"`{command}`: {shape} ({len(FEATURES)} features each{extra}), {result['machine']}; load average in the table.",
+        f"`{command}` at commit {result['commit']}: {shape} ({len(FEATURES)} features each{extra}), "
+        f"{result['machine']}; load average in the table.",
         "",
         "Seconds from navigation until the heatmap and the per-layer lines are drawn in Chromium: clicking",
         "Geometry in the open app, or loading the page's URL (which boots Streamlit's front end again; the floor is",
@@ -255,7 +260,7 @@ def main() -> None:
         "| median | " + " | ".join(f"{medians[k]:.2f} s" for k in COLUMNS) + " | |",
         "",
     ]
-    (RESULTS / f"{scenario['results']}.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
