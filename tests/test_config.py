@@ -67,6 +67,20 @@ def test_bad_override_names_the_override():
         load_config(DEFAULT, ["model.depth=2"])
 
 
+def test_overrides_that_depend_on_each_other_are_valid_in_any_order():
+    # task.chat_template needs model.name_or_path: alone (or first, one at a time) it is refused, together it is not.
+    sft = DEFAULT.parent / "sft.yaml"
+    both = ["task.chat_template=true", "model.name_or_path=/some/model"]
+    for overrides in (both, both[::-1]):
+        config = load_config(sft, overrides)
+        assert config.task.chat_template and config.model.name_or_path == "/some/model"
+    with pytest.raises(WorkbenchError, match=r"^override 'task.chat_template=true': task.chat_template: the models"):
+        load_config(sft, ["task.chat_template=true", "train.max_steps=5"])
+    # A config left invalid is reported at the override that made it so, whatever follows it.
+    with pytest.raises(WorkbenchError, match=r"^override 'train.max_steps=0': train.max_steps: Input should be"):
+        load_config(sft, ["seed=1", "train.max_steps=0", "task.chat_template=true", "model.name_or_path=/m"])
+
+
 def test_missing_file_is_a_one_line_error(tmp_path):
     with pytest.raises(WorkbenchError, match="no such config file"):
         load_config(tmp_path / "absent.yaml")

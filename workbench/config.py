@@ -7,6 +7,7 @@ names the class for each `stage:` value; the sub-configs every stage shares (`tr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -187,7 +188,9 @@ def load_callback_config(source: str | Path | Mapping[str, Any]) -> CallbackConf
 def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     """Read a YAML config, validate it, then apply `key.sub=value` overrides and validate again.
 
-    Errors are `WorkbenchError`s on one line naming the file (or the override) and the field.
+    Errors are `WorkbenchError`s on one line naming the file (or the override) and the field. The overrides are
+    validated together, so their order does not matter where one key's check reads another (task.chat_template
+    needs model.name_or_path); a config they leave invalid is reported at the first override after which it is.
     """
     path = Path(path)
     data = read_yaml_mapping(path)
@@ -196,10 +199,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
         raise WorkbenchError(f"{path}: stage: expected one of {sorted(stage_names())}, got {stage!r}")
     model = stage_config_class(stage)
     config = validate(model, data, source=str(path))
+    if not overrides:
+        return config
+    overridden = copy.deepcopy(data)
     for override in overrides:
-        _apply_override(data, override)
-        config = validate(model, data, source=f"override '{override}'")
-    return config
+        _apply_override(overridden, override)
+    try:
+        return validate(model, overridden, source="overrides")
+    except WorkbenchError:
+        for override in overrides:  # the last one at the latest leaves the config as it failed above
+            _apply_override(data, override)
+            validate(model, data, source=f"override '{override}'")
+        raise
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
