@@ -103,10 +103,11 @@ def cached_snapshots(uri: str, run_id: str, fresh: str) -> Snapshots:  # arrays 
 @st.cache_resource(show_spinner=False)
 def freeze_loaded_objects() -> None:
     """Once per server process, at the end of its first script run, when MLflow, SQLAlchemy, plotly and pandas
-    are loaded: their objects (~330 000) leave the cyclic garbage collector's view for good. Streamlit collects
-    garbage after every script run (`runner.postScriptGC`), and scanning them took 0.24 s each time, also on the
-    Geometry page's first render, while the browser waited for plotly's script from this process (docs/app.md,
-    "Speed"). Reference counting still frees them; what later runs make is still collected."""
+    are loaded: their objects (hundreds of thousands) leave the cyclic garbage collector's view for good.
+    Streamlit collects garbage after every script run (`runner.postScriptGC`), and scanning them all each time
+    was a large part of the Geometry page's first run, holding the GIL while the browser waited for plotly's
+    script from this process (docs/app.md, "Speed"). Reference counting still frees them; what later runs make
+    is still collected."""
     gc.collect()
     gc.freeze()
 
