@@ -11,7 +11,8 @@ template, `gold/greedy_accuracy` (greedy) and `gold/accuracy` (4 answers per pro
 "Before" is the starting model's check at step 0 of the first stage; for the grpo chain, "warm start" is the GRPO
 stage's check at its step 0 (the SFT model it starts from) and "after" the GRPO stage's at its end.
 
-Results: benchmarks/results/real_stages.{json,md}, with the machine and the load average during each run.
+Results: benchmarks/results/real_stages.{json,md}, with the machine and the load average at each run's start and
+end; a config not named in an invocation keeps its figures from the JSON.
 """
 
 from __future__ import annotations
@@ -81,11 +82,12 @@ def report(results: dict[str, dict[int, dict]]) -> str:
         "# Real-model configs at their demo defaults (SmolLM2-135M-Instruct, LoRA, chat template)",
         "",
         f"`python benchmarks/real_stages.py`: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; one run at a time. Gold accuracy on held-out prompts (mean +- std over the "
-        "seeds; sampled: 4 answers per prompt at temperature 1).",
+        f"{platform.python_version()}; one run at a time, beside whatever else the machine ran (the load column). "
+        "Gold accuracy on the held-out prompts (mean +- std over the seeds; sampled: 4 answers per prompt at "
+        "temperature 1).",
         "",
         "| config | seeds | gold (sampled) before | warm start | after | gold (greedy) before | warm start | after "
-        "| minutes per run (max) | load average (max) |",
+        "| minutes per run (max) | 1-min load average at a run's start or end (max) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_seed in results.items():
@@ -118,8 +120,11 @@ def main() -> None:
     from pipelines.lm.real_model import named_model_dir
 
     named_model_dir("smollm2-135m-instruct")  # the one-time conversion, outside every timed run
-    results = {name: {seed: run(name, seed) for seed in args.seeds} for name in args.configs}
-    (RESULTS / "real_stages.json").write_text(json.dumps(results, indent=1) + "\n")
+    path = RESULTS / "real_stages.json"  # other configs' figures, measured before, are kept
+    results = {**(json.loads(path.read_text()) if path.exists() else {})}
+    results.update({name: {str(seed): run(name, seed) for seed in args.seeds} for name in args.configs})
+    results = {name: results[name] for name in CONFIGS if name in results}
+    path.write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "real_stages.md").write_text(report(results))
     print(report(results))
 
