@@ -3,13 +3,18 @@
 The SFT stage's set-up (configs/sft.yaml: the built-in task, a 2-layer d=64 Llama, batch 32) with the
 callback at its defaults (`CallbackSnapshotConfig()`: a snapshot every 50 steps of 256 eval-set probes, token
 pooling to at most 1 024 points, online TwoNN + MLE + effective rank) logging to a sqlite MLflow store; "bare" is the
-same trainer without the callback. Runs alternate (A B A B ...) so drift of a shared machine hits both; we report
+same trainer without the callback. Runs alternate (A B B A A B ...) so drift of a shared machine hits both; we report
 each pair's ratio and the median, and, timed directly inside the callback run, the seconds spent in the
 callback's own methods as a share of the bare run. Both in wall time and in the process's CPU time, which other
 jobs on a shared machine inflate far less.
 
+On the real model (`--real`): configs/real/sft.yaml's model, task and LoRA (SmolLM2-135M-Instruct, its chat
+template, batch 8) and its snapshot settings, with the callback's overhead budget (`snapshot.max_overhead`, 0.05).
+
     python benchmarks/callback_overhead.py                  # 300 steps, 3 pairs
     python benchmarks/callback_overhead.py --steps 600 --pairs 5
+    python benchmarks/callback_overhead.py --real --steps 50 --pairs 10 \
+        --out benchmarks/results/callback_overhead_real.json
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pipelines.lm.config import SFTStageConfig
     from workbench.config import SnapshotConfig
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -36,26 +42,30 @@ ROOT = Path(__file__).resolve().parents[1]
 CALLBACK_EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_train_end")
 
 
-def timed_train(steps: int, with_callback: bool, tmp: Path, snapshot: SnapshotConfig) -> tuple[Clock, Clock]:
-    """Wall and CPU seconds of `trainer.train()`, and of those the seconds spent inside the callback."""
+def timed_train(
+    config: SFTStageConfig, with_callback: bool, tmp: Path, snapshot: SnapshotConfig
+) -> tuple[Clock, Clock, list[int]]:
+    """Wall and CPU seconds of `trainer.train()`, of those the seconds spent inside the callback, and the steps it
+    snapshotted."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipelines.lm.config import SFTStageConfig
-    from pipelines.lm.models import build_causal_lm, train_tokenizer
-    from pipelines.lm.supervised import training_arguments
+    from pipelines.lm.models import build_causal_lm, load_pretrained, train_tokenizer
+    from pipelines.lm.supervised import lora_config, training_arguments
     from pipelines.lm.task import ReversalTask
     from workbench.callback import WorkbenchCallback
     from workbench.tracking import Tracker
 
-    config = SFTStageConfig(train={"max_steps": steps, "eval_every": 10})
     task = ReversalTask(config.task, config.seed)
-    tokenizer = train_tokenizer(task.pretraining_text(), config.model.vocab_size)
     torch.manual_seed(0)
-    model = build_causal_lm(config.model, tokenizer)
+    if config.model.name_or_path is None:
+        tokenizer = train_tokenizer(task.pretraining_text(), config.model.vocab_size)
+        model = build_causal_lm(config.model, tokenizer)
+    else:
+        model, tokenizer = load_pretrained(config.model.name_or_path, None)
     inside = Clock()
-    callbacks, tracker = [], None
+    callbacks, tracker, callback = [], None, None
     if with_callback:
         tracker = Tracker.start(f"sqlite:///{tmp / 'mlflow.db'}", "callback-overhead")
         callback = WorkbenchCallback(snapshot, tracker=tracker)
@@ -73,13 +83,15 @@ def timed_train(steps: int, with_callback: bool, tmp: Path, snapshot: SnapshotCo
         eval_dataset=Dataset.from_list(task.sft_rows("eval")),
         processing_class=tokenizer,
         callbacks=callbacks,
+        peft_config=lora_config(config.lora),
     )
     total = Clock()
     with total:
         trainer.train()
         if tracker is not None:
             _timed(tracker.finish, inside)()  # the final flush is part of the cost
-    return total, inside
+    index = callback.instrument.writer.index if callback is not None else {"steps": [], "dropped": []}
+    return total, inside, sorted(index["steps"] + index["dropped"])
 
 
 class Clock:
@@ -115,31 +127,55 @@ def main() -> None:
         default=None,
         help="take the snapshot settings from this stage config (default: the callback's, CallbackSnapshotConfig())",
     )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the real model: configs/real/sft.yaml (its snapshot settings unless --snapshot-from), budget 0.05",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "callback_overhead.json")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
     from transformers.utils import logging as hf_logging
 
+    from pipelines.lm.config import SFTStageConfig
     from workbench.config import CallbackSnapshotConfig, load_config
     from workbench.runtime import configure_torch_threads
 
     hf_logging.disable_progress_bar()
     threads = configure_torch_threads()
-    snapshot = load_config(args.snapshot_from).snapshot if args.snapshot_from else CallbackSnapshotConfig()
+    real = ROOT / "configs" / "real" / "sft.yaml"
+    config = load_config(real) if args.real else SFTStageConfig()
+    from_config = args.snapshot_from or (real if args.real else None)
+    snapshot = load_config(from_config).snapshot if from_config else CallbackSnapshotConfig()
+    if args.real:  # a real model is where the callback's budget matters
+        snapshot = snapshot.model_copy(update={"max_overhead": CallbackSnapshotConfig().max_overhead})
+    train = config.train.model_copy(update={"eval_every": 10})
+
+    def timed(steps: int, with_callback: bool) -> tuple[Clock, Clock, list[int]]:
+        run_config = config.model_copy(update={"train": train.model_copy(update={"max_steps": steps})})
+        return timed_train(run_config, with_callback, Path(tmp), snapshot)
+
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        timed_train(20, True, Path(tmp), snapshot)  # warm-up: imports, allocator, MLflow schema
+        timed(3 if args.real else 20, True)  # warm-up: imports, allocator, MLflow schema
         for i in range(args.pairs):
-            with_cb, inside = timed_train(args.steps, True, Path(tmp), snapshot)
-            bare, _ = timed_train(args.steps, False, Path(tmp), snapshot)
+            # A B, then B A: whatever the first run of a pair gains or loses (the allocator, the machine's drift) is
+            # shared out.
+            if i % 2:
+                bare, _, _ = timed(args.steps, False)
+                with_cb, inside, snapshots = timed(args.steps, True)
+            else:
+                with_cb, inside, snapshots = timed(args.steps, True)
+                bare, _, _ = timed(args.steps, False)
             pair = {"callback_s": with_cb.wall, "bare_s": bare.wall, "inside_callback_s": inside.wall}
             pair.update(ratio=with_cb.wall / bare.wall, direct_share=inside.wall / bare.wall)
             pair.update(cpu_ratio=with_cb.cpu / bare.cpu, cpu_direct_share=inside.cpu / bare.cpu)
-            pair.update(bare_step_ms=1000 * bare.wall / args.steps)
+            pair.update(bare_step_ms=1000 * bare.wall / args.steps, snapshot_steps=snapshots)
             pairs.append(pair)
             print(
-                f"pair {i}: with callback {with_cb.wall:.2f} s (inside it {inside.wall:.2f} s), bare {bare.wall:.2f} s "
+                f"pair {i}: with callback {with_cb.wall:.2f} s (inside it {inside.wall:.2f} s, snapshots at "
+                f"{snapshots}), bare {bare.wall:.2f} s "
                 f"({pair['bare_step_ms']:.1f} ms/step), ratio {pair['ratio']:.3f}, "
                 f"direct share {100 * pair['direct_share']:.1f} %; CPU time: ratio {pair['cpu_ratio']:.3f}, "
                 f"direct share {100 * pair['cpu_direct_share']:.1f} %",
@@ -147,9 +183,13 @@ def main() -> None:
             )
     ratio = statistics.median(p["ratio"] for p in pairs)
     result = {
-        "what": "TRL SFTTrainer on the built-in task (configs/sft.yaml sizes), with WorkbenchCallback vs without, "
+        "what": "TRL SFTTrainer on the built-in task "
+        f"({real.relative_to(ROOT) if args.real else 'configs/sft.yaml sizes'}), with WorkbenchCallback vs without, "
         "alternating pairs in one process",
-        "snapshot_settings": str(args.snapshot_from) if args.snapshot_from else "CallbackSnapshotConfig() defaults",
+        "model": config.model.name_or_path or "2-layer Llama built from config",
+        "snapshot_settings": f"{from_config}{' with the callback max_overhead' if args.real else ''}"
+        if from_config
+        else "CallbackSnapshotConfig() defaults",
         "steps": args.steps,
         "snapshot": snapshot.model_dump(mode="json"),
         "log_every": 10,

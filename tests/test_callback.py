@@ -121,7 +121,9 @@ def test_without_probes_the_callback_samples_the_rows_of_the_train_dataloader_it
     tracking_uri, tmp_path, capsys
 ):
     # The trainer hands its callbacks the train dataloader at on_train_begin (the eval one only after an evaluation).
-    config = {"snapshot": {"every": 5, "probes": 8}, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
+    # No overhead budget: every snapshot comes as set (a tiny model's would cost over 5 % of its steps).
+    snapshot = {"every": 5, "probes": 8, "max_overhead": None}
+    config = {"snapshot": snapshot, "tracking": {"uri": tracking_uri, "experiment": "cb"}}
     train(WorkbenchCallback.from_config(config), tmp_path, steps=5)
     client = MlflowClient(tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("cb").experiment_id])[0]
@@ -294,7 +296,8 @@ class DiesAtStep3(WorkbenchCallback):
         if state.global_step == 3:
             raise RuntimeError("out of memory, say")
 
-config = {{"snapshot": {{"every": 2, "probes": 8}}, "tracking": {{"uri": {tracking_uri!r}, "experiment": "cb"}}}}
+config = {{"snapshot": {{"every": 2, "probes": 8, "max_overhead": None}}, "tracking": {{"uri": {tracking_uri!r},
+          "experiment": "cb"}}}}
 train(DiesAtStep3.from_config(config), Path({str(tmp_path)!r}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -1,5 +1,5 @@
-"""`snapshot.max_overhead`: the snapshot interval doubles while one snapshot costs more than that share of the
-training time between two, with an alert; the interval survives a resume."""
+"""`snapshot.max_overhead`: a due snapshot is skipped when it would take the run's snapshot time over that share of
+its training time, with an alert; the share is logged with every snapshot."""
 
 import json
 from types import SimpleNamespace
@@ -34,13 +34,13 @@ class Tracker:
 
 
 class Clock:
-    """perf_counter as the test sets it: each snapshot reads it at its start and at its end."""
+    """perf_counter as the test sets it: `now` seconds."""
 
-    def __init__(self, readings):
-        self.readings = iter(readings)
+    def __init__(self):
+        self.now = 0.0
 
     def __call__(self):
-        return next(self.readings)
+        return self.now
 
 
 def tiny_model():
@@ -51,48 +51,66 @@ def tiny_model():
     )
 
 
-def test_the_interval_doubles_until_a_snapshot_fits_the_budget_and_the_alert_says_why(monkeypatch):
+def run_steps(instrument, clock, monkeypatch, steps, step_s, snapshot_s):
+    """Steps of `step_s` seconds each; a snapshot taken after a step lasts `snapshot_s[step]` seconds (the model
+    forward is patched to advance the clock)."""
+    model = tiny_model()
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        clock.now += snapshot_s[current]
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    taken = []
+    for current in steps:
+        if instrument(model, current):
+            taken.append(current)
+        # Asked again after the step's snapshot (the stages do, for the policy engine): the same answer.
+        assert instrument.due(current) == (taken[-1:] == [current])
+        clock.now += step_s
+    return taken
+
+
+def test_a_due_snapshot_that_would_take_the_run_over_its_budget_is_skipped_and_the_alert_says_why(monkeypatch):
     import torch
 
     probe = ProbeSet(ids=[0, 1], input_ids=torch.arange(8).reshape(2, 4), attention_mask=torch.ones(2, 4))
     tracker = Tracker()
     config = SnapshotConfig(every=5, max_overhead=0.1, geometry=["eff_rank"])
     instrument = Instrument(config, probe, tracker)
-    # (start, end) of each snapshot. Step 0: 2 s. Step 5: 10 s of training for 5 steps (2 s a step) before it, and
-    # it costs 2 s, 20 % of those 10 s: over 10 %, so every 10 (2 s of 20 s fits). Step 10: 1 s, fits. Step 20:
-    # 2 s a step again, and 9 s: 9 > 0.1 x 2 s x 10, 20, 40 steps; 9 <= 0.1 x 2 s x 80 steps.
-    clock = Clock([0, 2, 12, 14, 24, 25, 45, 54])
+    clock = Clock()
     monkeypatch.setattr(instrument_module, "time", SimpleNamespace(perf_counter=clock))
-    model = tiny_model()
-    taken = [step for step in range(0, 21) if instrument(model, step)]
-    assert taken == [0, 5, 10, 20]
-    assert instrument.every == 80 and instrument.due(160) and not instrument.due(120)
-    intervals = [(step, m["snapshot/every"]) for step, m in tracker.metrics if "snapshot/every" in m]
-    assert intervals == [(5, 10.0), (20, 80.0)]
-    assert [step for step, m in tracker.metrics if "event/snapshot_interval" in m] == [5, 20]
-    alert = json.loads(tracker.tags["workbench.alert.snapshot_interval"])
+    # 2 s a step, so 2 s x step of training before a step's snapshot; snapshots of 2.2 s (step 0), then 5 s. Step
+    # 0 is always taken. A due step s is taken when the snapshots so far plus one more costed as the latest fit in
+    # 0.1 x 2 s x s: 2.2 + 2.2 <= 0.2 s first at s = 25 (steps 5-20 skipped); 7.2 + 5 at 65; 12.2 + 5 at 90.
+    costs = {step: (2.2 if step == 0 else 5.0) for step in range(0, 100, 5)}
+    taken = run_steps(instrument, clock, monkeypatch, range(100), 2.0, costs)
+    assert taken == [0, 25, 65, 90]
+    # The share logged with each snapshot after the first: snapshot seconds over training seconds since the first.
+    overhead = [(step, m["snapshot/overhead"]) for step, m in tracker.metrics if "snapshot/overhead" in m]
+    assert overhead == [(25, pytest.approx(7.2 / 50)), (65, pytest.approx(12.2 / 130)), (90, pytest.approx(17.2 / 180))]
+    assert [step for step, m in tracker.metrics if "event/snapshot_skipped" in m] == [5]  # said once
+    alert = json.loads(tracker.tags["workbench.alert.snapshot_skipped"])
     assert alert == {
-        "step": 20,
-        "message": "snapshot interval 10 -> 80 steps: the snapshot at step 20 took 9.00 s, 45% of the 20.0 s of "
-        "training between two, over snapshot.max_overhead=0.1",
+        "step": 5,
+        "message": "snapshot at step 5 skipped: the snapshots so far took 2.2 s beside 10.0 s of training, and "
+        "another of 2.2 s would take them over snapshot.max_overhead=0.1; from here a due snapshot is taken when it "
+        "fits (snapshot/overhead logs the share)",
     }
-    # A resumed run goes on at the interval it had reached.
-    resumed = Instrument(config, probe, Tracker())
-    resumed.restore(instrument.state())
-    assert resumed.every == 80
 
 
-def test_without_a_budget_the_interval_stays_as_set(monkeypatch):
+def test_without_a_budget_every_due_snapshot_is_taken(monkeypatch):
     import torch
 
     probe = ProbeSet(ids=[0], input_ids=torch.arange(4).reshape(1, 4), attention_mask=torch.ones(1, 4))
-    instrument = Instrument(SnapshotConfig(every=5, geometry=["eff_rank"]), probe, Tracker())
-    monkeypatch.setattr(
-        instrument_module, "time", SimpleNamespace(perf_counter=Clock([0, 2, 12, 30, 40, 60]))
-    )  # 18 and 20 s each
-    model = tiny_model()
-    assert [step for step in range(0, 11) if instrument(model, step)] == [0, 5, 10]
-    assert instrument.every == 5
+    tracker = Tracker()
+    instrument = Instrument(SnapshotConfig(every=5, geometry=["eff_rank"]), probe, tracker)
+    clock = Clock()
+    monkeypatch.setattr(instrument_module, "time", SimpleNamespace(perf_counter=clock))
+    taken = run_steps(instrument, clock, monkeypatch, range(11), 1.0, dict.fromkeys(range(0, 11, 5), 20.0))
+    assert taken == [0, 5, 10]
+    assert not any("snapshot/overhead" in m for _, m in tracker.metrics)
     assert SnapshotConfig().max_overhead is None and CallbackSnapshotConfig().max_overhead == 0.05
 
 

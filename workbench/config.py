@@ -62,10 +62,10 @@ class SnapshotConfig(Strict):
         None,
         gt=0,
         le=1,
-        description="Largest share of the training time between two snapshots that one snapshot (probe forward, "
-        "writing, online geometry) may cost: when one costs more, `every` doubles until it would not, for the rest "
-        "of the run, with an alert (event/snapshot_interval) and the interval as snapshot/every. Empty: `every` "
-        "stays as set.",
+        description="Largest share of the run's training time its snapshots (probe forward, writing, online "
+        "geometry) may take: a due snapshot that would take them over it, costed as the latest, is skipped (the "
+        "first is always taken), with an alert (event/snapshot_skipped) the first time; the share is logged as "
+        "snapshot/overhead. Empty: every due snapshot is taken.",
     )
     geometry_budget_s: float = Field(
         1.0,
@@ -149,9 +149,9 @@ class CallbackSnapshotConfig(SnapshotConfig):
         0.05,
         gt=0,
         le=1,
-        description="Largest share of the training time between two snapshots that one snapshot may cost; `every` "
-        "doubles when one costs more (as in the stage configs; empty: `every` stays as set). On a real model the "
-        "probe forward costs several training steps, so the callback keeps within 5 % by default.",
+        description="Largest share of the run's training time its snapshots may take; a due snapshot that would go "
+        "over is skipped (as in the stage configs; empty: every due snapshot is taken). On a real model the probe "
+        "forward costs several training steps, so the callback keeps within 5 % by default.",
     )
     keep: str = Field(
         "log",

@@ -7,6 +7,7 @@ snapshots the probe set and logs geometry when `due(step)`.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections import Counter
@@ -30,8 +31,8 @@ T = TypeVar("T")
 
 class Instrument:
     """Every `config.every` steps (and at step 0): run the probes, write a snapshot, log geometry. With
-    `config.max_overhead`, the interval doubles while a snapshot costs more than that share of the training time
-    between two."""
+    `config.max_overhead`, a due snapshot is skipped when it would take the run's snapshots over that share of its
+    training time."""
 
     def __init__(self, config: SnapshotConfig, probe: ProbeSet, tracker: Tracker, seed: int = 0) -> None:
         self.config = config
@@ -41,8 +42,12 @@ class Instrument:
         self.writer: SnapshotWriter | None = None  # created at the first snapshot, when the layer count is known
         self.layers: list[int] = []
         self.online = list(config.geometry)  # shrinks if a snapshot's geometry overruns its time budget
-        self.every = config.every  # doubles when a snapshot costs more than `max_overhead` of the training between
-        self._last: tuple[int, float] | None = None  # (step, clock) at the end of the latest snapshot
+        # `max_overhead` bookkeeping, in seconds of this process: when its first snapshot began, all its snapshots
+        # together, and the latest alone (the estimate of the next one's cost).
+        self._first_start: float | None = None
+        self._spent = self._latest = 0.0
+        self._said_skip = False
+        self._decided: tuple[int, bool] | None = None  # (step, due): `due`'s answer for the step asked last
         self._warned: set[str] = set()  # problems already reported, so each is said once per run
         self._earlier: dict[str, list[int]] = {"steps": [], "dropped": []}  # a resumed run's snapshots before it
 
@@ -54,7 +59,6 @@ class Instrument:
             "snapshot_steps": list(steps["steps"]),
             "dropped_steps": list(steps["dropped"]),
             "online_geometry": list(self.online),
-            "every": self.every,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -62,10 +66,12 @@ class Instrument:
         # A checkpoint written before `snapshot.keep` existed stored every snapshot: none dropped.
         self._earlier = {"steps": list(state["snapshot_steps"]), "dropped": list(state.get("dropped_steps", []))}
         self.online = list(state["online_geometry"])
-        self.every = state.get("every", self.config.every)  # a checkpoint from before `max_overhead`: as set
 
     def due(self, step: int) -> bool:
-        return self.config.enabled and step % self.every == 0
+        """Whether a snapshot is (or was) due at `step`; decided once per step, so a caller may ask again after it."""
+        if self._decided is None or self._decided[0] != step:
+            self._decided = (step, self.config.enabled and step % self.config.every == 0 and self._fits(step))
+        return self._decided[1]
 
     def __call__(self, model: Any, step: int) -> dict[str, float]:
         """Snapshot and geometry if due at `step`; returns the logged geometry metrics (else {})."""
@@ -90,9 +96,8 @@ class Instrument:
             values, cost = self._geometry(name, points.float())
             metrics.update({f"geom/{metric}/{name}": value for metric, value in values.items()})
             seconds.update(cost)
-        self.tracker.log_metrics(metrics, step)
         self._keep_within_budget(seconds)
-        self._keep_within_overhead(step, start)
+        self.tracker.log_metrics(metrics | self._count(start), step)
         return metrics
 
     def _pooled_states(self, model: Any) -> list[torch.Tensor]:
@@ -139,30 +144,37 @@ class Instrument:
                 warnings.warn(f"geometry of {layer} not logged: {problem}", stacklevel=3)
         return values, seconds
 
-    def _keep_within_overhead(self, step: int, start: float) -> None:
-        """The snapshot that began at `start` against the training since the one before: over `max_overhead` of it,
-        `every` doubles (staying a multiple of `snapshot.every`, so `keep` rules hold) until the same snapshot cost
-        over the same time per step would fit."""
+    def _count(self, start: float) -> dict[str, float]:
+        """Adds the snapshot that began at `start` to the run's snapshot time; with `max_overhead`, returns the
+        run's snapshot time over its training time since its first snapshot, as `snapshot/overhead`."""
         now = time.perf_counter()
-        last, self._last = self._last, (step, now)
+        self._first_start = start if self._first_start is None else self._first_start
+        self._latest = now - start
+        self._spent += self._latest
+        training = now - self._first_start - self._spent
+        if self.config.max_overhead is None or training <= 0:
+            return {}
+        return {"snapshot/overhead": self._spent / training}
+
+    def _fits(self, step: int) -> bool:
+        """With `max_overhead` = b: the run's snapshots, the next one included (costed as the latest), must take at
+        most b times the training time since its first snapshot (which is always taken: the starting point)."""
         budget = self.config.max_overhead
-        if budget is None or last is None or step <= last[0]:
-            return
-        cost, per_step = now - start, (start - last[1]) / (step - last[0])
-        every = self.every
-        while cost > budget * every * per_step:
-            every *= 2
-        if every == self.every:
-            return
-        message = (
-            f"snapshot interval {self.every} -> {every} steps: the snapshot at step {step} took {cost:.2f} s, "
-            f"{cost / (self.every * per_step):.0%} of the {self.every * per_step:.1f} s of training between two, over "
-            f"snapshot.max_overhead={budget:g}"
-        )
-        self.every = every
-        self.tracker.log_metrics({"snapshot/every": float(every)}, step)
-        log_alert(self.tracker, step, "snapshot_interval", message)
-        warnings.warn(message, stacklevel=3)
+        if budget is None or self._first_start is None:
+            return True
+        training = time.perf_counter() - self._first_start - self._spent
+        if self._spent + self._latest <= budget * training:
+            return True
+        if not self._said_skip:  # said once: later skips follow from the same costs
+            self._said_skip = True
+            message = (
+                f"snapshot at step {step} skipped: the snapshots so far took {self._spent:.1f} s beside {training:.1f} "
+                f"s of training, and another of {self._latest:.1f} s would take them over snapshot.max_overhead="
+                f"{budget:g}; from here a due snapshot is taken when it fits (snapshot/overhead logs the share)"
+            )
+            log_alert(self.tracker, step, "snapshot_skipped", message)
+            warnings.warn(message, stacklevel=3)
+        return False
 
     def _keep_within_budget(self, seconds: Counter[str]) -> None:
         """Training must not wait on geometry: over budget, the costliest features go offline for good."""
@@ -201,6 +213,10 @@ def probe_forward(
     """
     import torch
 
+    # transformers' causal LMs take `logits_to_keep`: 1 spares the LM head every probe position but the last (on
+    # SmolLM2-135M the head is a fifth of the parameters, and its output a probes x tokens x 49 152 tensor).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     was_training = model.training
     model.eval()
     pooled: list[T] = []
@@ -214,6 +230,7 @@ def probe_forward(
                     input_ids=probe.input_ids[first : first + batch_size],
                     attention_mask=probe.attention_mask[first : first + batch_size],
                     output_hidden_states=True,
+                    **head,
                 )
                 if pool is not None and error is None:
                     try:
