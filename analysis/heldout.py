@@ -34,23 +34,29 @@ def heldout_geometry(
             f"heldout_geometry: needs at least 3 train and 3 held-out states, got {len(train_states)} "
             f"and {len(heldout_states)}"
         )
-    train, heldout = train_states.double(), heldout_states.double()
-    exact = "donot_use_mm_for_euclid_dist"  # coordinate differences: a duplicate is at exactly 0
-    to_train = torch.cdist(heldout, train, compute_mode=exact)  # [held-out, train]
-    within = torch.cdist(train, train, compute_mode=exact).fill_diagonal_(float("inf"))
-    nearest_dist, nearest = to_train.min(dim=1)
-    train_scale = within.min(dim=1).values.mean()
+    gap, nearest = knn_gap(train_states, heldout_states)
     agreement = (train_labels.to(nearest.device)[nearest] == heldout_predictions.to(nearest.device)).double().mean()
     return {
-        "knn_gap": float(nearest_dist.mean() / train_scale) if train_scale > 0 else float("nan"),
+        "knn_gap": gap,
         "nn_agreement": float(agreement),
-        "lid_ratio": _twonn(heldout) / _twonn(train),
+        "lid_ratio": _twonn(heldout_states) / _twonn(train_states),
     }
+
+
+def knn_gap(reference: torch.Tensor, query: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean distance from each query state to its nearest reference state, over the mean distance from each
+    reference state to its nearest other one (scale free; NaN when the reference states all coincide); and the
+    index of each query state's nearest reference state."""
+    reference, query = reference.double(), query.double()
+    exact = "donot_use_mm_for_euclid_dist"  # coordinate differences: a duplicate is at exactly 0
+    nearest_dist, nearest = torch.cdist(query, reference, compute_mode=exact).min(dim=1)
+    scale = torch.cdist(reference, reference, compute_mode=exact).fill_diagonal_(float("inf")).min(dim=1).values.mean()
+    return (float(nearest_dist.mean() / scale) if scale > 0 else float("nan")), nearest
 
 
 def _twonn(states: torch.Tensor) -> float:
     try:
-        return TwoNN().fit(states).dimension_
+        return TwoNN().fit(states.double()).dimension_
     except ValueError:  # too few distinct states (a collapsed layer): no dimension to compare
         return float("nan")
 

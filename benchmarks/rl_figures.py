@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 from statistics import mean
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,8 +107,9 @@ def _read(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def workbench(uri: str, name: str, config: str, seed: int, overrides: list[str]) -> dict:
-    """Run `workbench run CONFIG` as run `name` unless a FINISHED one exists; its series, model and minutes."""
+def ensure_run(uri: str, name: str, config: str, seed: int, overrides: list[str]) -> Run:
+    """The FINISHED run `name` in the store at `uri`, made by `workbench run CONFIG` (a core each) if there is none
+    yet: what makes a suite resumable."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -123,6 +128,15 @@ def workbench(uri: str, name: str, config: str, seed: int, overrides: list[str])
         with open(store / f"{name}.log", "w") as log:
             subprocess.run(command, cwd=store, check=True, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         run = find()
+    return run
+
+
+def workbench(uri: str, name: str, config: str, seed: int, overrides: list[str]) -> dict:
+    """`ensure_run`, and the run's series, model and minutes."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = ensure_run(uri, name, config, seed, overrides)
     keys = ("reward", "kl", "objective/kl", "entropy", "gold/accuracy", "gold/reward")
     histories = {k: client.get_metric_history(run.info.run_id, k) for k in keys}
     histories.update({k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics if "eff_rank" in k})

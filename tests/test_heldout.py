@@ -46,3 +46,14 @@ def test_prediction_confidence_is_the_mean_top_probability():
 def test_too_few_states_is_one_clear_error():
     with pytest.raises(ValueError, match="at least 3 train and 3 held-out states, got 2 and 3"):
         heldout_geometry(torch.zeros(2, 2), torch.zeros(2), torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_knn_gap_by_hand():
+    from analysis.heldout import knn_gap
+
+    # Reference: a unit right triangle, each point 1 from its nearest other (scale 1). Queries: one on a reference
+    # point (distance 0, nearest 0) and one 2 past (1, 0) (distance 2, nearest 1): gap (0 + 2) / 2 / 1 = 1.
+    reference = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    gap, nearest = knn_gap(reference, torch.tensor([[0.0, 0.0], [3.0, 0.0]]))
+    assert gap == 1.0 and nearest.tolist() == [0, 1]
+    assert math.isnan(knn_gap(torch.zeros(3, 2), torch.ones(2, 2))[0])  # reference states all coincide

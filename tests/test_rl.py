@@ -147,6 +147,10 @@ def test_grpo_on_an_rm_trained_on_the_fly_logs_trls_rl_statistics_the_gold_check
     # The gold check sits in every training log, beside the proxy reward, and before and after training.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "gold/accuracy")] == [0, 2, 4, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward")] == [2, 4]
+    # So is the geometry of the policy's own answers against the starting policy's, for both layers (embeddings,
+    # the block): 8 held-out prompts, the starting policy's answers to 4 the reference.
+    for key in ("geom/answer_knn_gap/layer_00", "geom/answer_eff_rank/layer_01"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 2, 4]
 
 
 def test_ppo_with_lora_logs_trls_ppo_names_and_leaves_a_plain_model(store, saved_model):
@@ -168,6 +172,7 @@ def test_ppo_with_lora_logs_trls_ppo_names_and_leaves_a_plain_model(store, saved
     )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "geom/eff_rank/layer_01")] == [0, 2, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "gold/accuracy")] == [0, 2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "geom/answer_knn_gap/layer_01")] == [0, 2, 4]
     # Self-feedback rewards are mean token probabilities; the approx-KL estimator (k3) is never negative.
     assert 0 < run.data.metrics["reward"] <= 1 and run.data.metrics["policy/approxkl_avg"] >= 0
     local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", tracking_uri=store)

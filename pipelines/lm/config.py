@@ -191,6 +191,17 @@ class RLRewardSettings(Strict):
         "with the policy's tokenizer. Empty: an RM is trained on the fly from the starting model (rm defaults).",
     )
     rm_steps: int = Field(1500, gt=0, description="Steps of an RM trained on the fly (empty `model`).")
+    # Flaws a proxy reward can have, added on purpose to any `function`: the failure suite's ways to hack a reward.
+    length_bonus: float = Field(
+        0.0, ge=0, description="Added per word of the answer: a verbosity-biased reward (0: none)."
+    )
+    token_bonus: float = Field(
+        0.0,
+        ge=0,
+        description="Added per occurrence of `bonus_token` in the answer: a reward fooled by a surface "
+        "token (0: none).",
+    )
+    bonus_token: str = Field("a", min_length=1, description="The word `token_bonus` rewards.")
 
 
 class _RLStageConfig(_LMStageConfig):
@@ -202,6 +213,20 @@ class _RLStageConfig(_LMStageConfig):
     clip_eps: float = Field(0.2, gt=0, description="epsilon of the clipped surrogate (PPO eq. 7).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     max_new_tokens: int = Field(12, gt=0, description="Longest sampled answer, in tokens.")
+    answer_probes: int = Field(
+        64,
+        ge=0,
+        description="Up to this many held-out prompts (at most task.n_eval) whose greedy answers' hidden states are "
+        "compared, at every log, with the starting policy's (geom/answer_knn_gap/layer_i, "
+        "geom/answer_eff_rank/layer_i; pipelines/lm/rl.py: AnswerGeometry); half of them answered once by the "
+        "starting policy. 0: off.",
+    )
+
+    @model_validator(mode="after")
+    def _answer_probes_split(self) -> _RLStageConfig:
+        if 0 < self.answer_probes < 4:
+            raise ValueError("answer_probes: at least 4 (two halves of 2, for nearest neighbours), or 0 for none")
+        return self
 
 
 class GRPOStageConfig(_RLStageConfig):

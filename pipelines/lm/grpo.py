@@ -11,7 +11,7 @@ beta * KL(pi_theta || pi_ref) to the frozen starting policy (`kl_coef`; TRL's k3
 an entropy bonus (`entropy_coef`). TRL logs `reward`, `reward_std`, `rewards/<function>/mean`, `kl` (when
 beta > 0), `entropy`, `clip_ratio/...` and `completions/mean_length`; the stage adds the held-out gold check
 (`gold/accuracy`, `gold/reward`, `gold/greedy_accuracy`) to every log, so a proxy that rises while gold falls
-is visible in one row (and to the collapse forecaster).
+is visible in one row, and the gold-free geometry of the policy's answers (`geom/answer_*`, pipelines/lm/rl.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pipelines.lm import supervised
 from pipelines.lm.config import GRPOStageConfig
-from pipelines.lm.rl import gold_check, reward_function, start
+from pipelines.lm.rl import AnswerGeometry, answer_geometry, gold_check, reward_function, start
 from pipelines.lm.task import ReversalTask
 from workbench import tags
 from workbench.errors import WorkbenchError
@@ -36,15 +36,18 @@ if TYPE_CHECKING:
     from workbench.tracking import Tracker
 
 
-class GoldCheckCallback(TrainerCallback):
-    """Adds the held-out gold check to each training log, before `WorkbenchCallback` logs it."""
+class HeldOutCallback(TrainerCallback):
+    """Adds the held-out gold check and the answers' geometry to each training log, before `WorkbenchCallback`
+    logs it."""
 
-    def __init__(self, task: ReversalTask, max_new_tokens: int) -> None:
-        self.task, self.max_new_tokens = task, max_new_tokens
+    def __init__(self, task: ReversalTask, max_new_tokens: int, answers: AnswerGeometry | None) -> None:
+        self.task, self.max_new_tokens, self.answers = task, max_new_tokens, answers
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is not None and "reward" in logs:  # a training log, not the end-of-run summary
             logs.update(gold_check(kwargs["model"], kwargs["processing_class"], self.task, self.max_new_tokens))
+            if self.answers is not None:
+                logs.update(self.answers(kwargs["model"]))
 
 
 def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
@@ -65,12 +68,13 @@ def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
         policy.save_pretrained(start_dir)
         tokenizer.save_pretrained(start_dir)
         reward = reward_function(config, tracker, base, tokenizer, lambda: trainer.model, device)
+        answers = answer_geometry(config, task, tokenizer)
         args = supervised.training_arguments(
             GRPOConfig,
             config,
             output_dir,
             device,
-            eval_strategy="no",  # the gold check runs at each log instead (GoldCheckCallback)
+            eval_strategy="no",  # the gold check runs at each log instead (HeldOutCallback)
             lr_scheduler_type="constant_with_warmup",
             num_generations=config.group_size,
             max_completion_length=config.max_new_tokens,
@@ -87,11 +91,11 @@ def run(config: GRPOStageConfig, tracker: Tracker) -> StageResult:
             train_dataset=Dataset.from_list(task.rl_prompts()),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[GoldCheckCallback(task, config.max_new_tokens)],
+            callbacks=[HeldOutCallback(task, config.max_new_tokens, answers)],
         )
         callback = supervised.instrument_trainer(trainer, config, tracker)
         before = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
-        tracker.log_metrics(before, 0)
+        tracker.log_metrics({**before, **(answers(trainer.model) if answers is not None else {})}, 0)
         trainer.train()
         after = gold_check(trainer.model, tokenizer, task, config.max_new_tokens)
         tracker.log_metrics(after, trainer.state.global_step)

@@ -20,7 +20,8 @@ The value head is a linear layer on the policy's last hidden state (as TRL's for
 is. Metric names are TRL's PPO ones (`objective/kl` = the summed per-answer KL to the reference,
 `objective/rlhf_reward`, `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`,
 `val/clipfrac_avg`) plus GRPO's where they mean the same (`reward`, `reward_std`, `entropy`,
-`completions/mean_length`) and the held-out gold check (`gold/*`).
+`completions/mean_length`), the held-out gold check (`gold/*`) and the answers' geometry (`geom/answer_*`,
+pipelines/lm/rl.py: `AnswerGeometry`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pipelines.lm import supervised
 from pipelines.lm.config import PPOStageConfig
-from pipelines.lm.rl import RewardFunction, gold_check, reward_function, start
+from pipelines.lm.rl import RewardFunction, answer_geometry, gold_check, reward_function, start
 from pipelines.policy_gradient import approx_kl, clipped_surrogate, clipped_value_loss, gae
 from workbench import tags
 from workbench.artifacts import MODEL_DIR, log_pretrained, model_checkpoint_path
@@ -82,6 +83,7 @@ def run(config: PPOStageConfig, tracker: Tracker) -> StageResult:
         lm = get_peft_model(lm, supervised.lora_config(config.lora))
     agent = PolicyWithValueHead(lm).to(device)
     reward = reward_function(config, tracker, base, tokenizer, lambda: agent.lm, device)
+    answers = answer_geometry(config, task, tokenizer)
     plain_lm = lm.get_base_model() if config.lora.enabled else lm  # the adapted model, its hidden states for snapshots
     probe = probe_set_from_rows(task.rl_prompts("eval"), tokenizer, config.snapshot.probes, config.seed)
     instrument = Instrument(config.snapshot, probe.to(device), tracker, seed=config.seed)
@@ -108,6 +110,7 @@ def run(config: PPOStageConfig, tracker: Tracker) -> StageResult:
         if due:
             checks[step] = gold_check(lm, tokenizer, task, config.max_new_tokens)
             metrics.update(checks[step], lr=schedule.get_last_lr()[0])
+            metrics.update(answers(lm) if answers is not None else {})
             tracker.log_metrics(metrics, step)
             stats.clear()
         geometry = instrument(plain_lm, step)

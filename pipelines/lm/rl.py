@@ -9,6 +9,10 @@ Rewards (`reward.function`), each with TRL's reward-function signature `f(prompt
   a self-feedback reward in the spirit of RLSF (van Niekerk et al. 2025): no labels, and a known way to
   drive entropy down.
 
+Any of them can be given flaws on purpose, as proxies have them: `reward.length_bonus` per word of the answer
+(verbosity bias) and `reward.token_bonus` per occurrence of `reward.bonus_token` (a surface feature). The failure
+suite (benchmarks/early_warning.py) hacks these.
+
 The RM must share the policy's tokenizer (it is a head on the same SFT model); the stages refuse one that
 does not.
 """
@@ -23,11 +27,12 @@ import torch
 from pipelines.lm.config import RewardStageConfig
 from pipelines.lm.models import load_pretrained
 from pipelines.lm.rm import scores
-from pipelines.lm.supervised import held_out_check, starting_model
-from pipelines.lm.task import ReversalTask, gold_reward
+from pipelines.lm.supervised import generate, generation_prompt, held_out_check, starting_model
+from pipelines.lm.task import ReversalTask, gold_reward, text_of
 from workbench import tags
 from workbench.errors import WorkbenchError
 from workbench.launch import run_nested
+from workbench.snapshots import layer_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,7 +79,32 @@ def reward_function(
     policy: Callable[[], PreTrainedModel],
     device: str,
 ) -> RewardFunction:
-    """The reward `reward.function` names; `policy()` is the policy being trained (for self-feedback)."""
+    """The reward `reward.function` names, with the flaws `reward.length_bonus` and `reward.token_bonus` add;
+    `policy()` is the policy being trained (for self-feedback)."""
+    reward = _named_reward(config, tracker, base, tokenizer, policy, device)
+    settings = config.reward
+    if not settings.length_bonus and not settings.token_bonus:
+        return reward
+
+    def flawed(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        words = [text_of(c).split() for c in completions]
+        return [
+            r + settings.length_bonus * len(w) + settings.token_bonus * w.count(settings.bonus_token)
+            for r, w in zip(reward(prompts, completions, **kwargs), words, strict=True)
+        ]
+
+    flawed.__name__ = reward.__name__  # TRL logs rewards/<name>/mean
+    return flawed
+
+
+def _named_reward(
+    config: RLConfig,
+    tracker: Tracker,
+    base: str,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: Callable[[], PreTrainedModel],
+    device: str,
+) -> RewardFunction:
     if config.reward.function == "gold":
         return gold_reward
     if config.reward.function == "self_confidence":
@@ -125,21 +155,9 @@ def mean_token_probability(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> list[float]:
     """exp of the mean log-probability of each completion's tokens (and EOS) given its prompt."""
+    ids, attention, answer_mask = answer_batch(model, tokenizer, prompts, completions)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    answers = [c + tokenizer.eos_token for c in completions]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids, strict=True))
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    answer_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):  # right-padded: positions start at 0
-        ids[row, : len(p) + len(a)] = torch.tensor(p + a)
-        attention[row, : len(p) + len(a)] = 1
-        answer_mask[row, len(p) : len(p) + len(a)] = True
-    ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
     try:
         logprobs = model(input_ids=ids, attention_mask=attention).logits
     finally:
@@ -147,6 +165,83 @@ def mean_token_probability(
     taken = logprobs[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     mask = answer_mask[:, 1:].float()
     return ((taken * mask).sum(1) / mask.sum(1)).exp().tolist()
+
+
+def answer_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + answer + EOS of each pair, right-padded (positions start at 0), on the model's device: input ids,
+    attention mask, and the mask of the answer's tokens (EOS included)."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    answers = [c + tokenizer.eos_token for c in completions]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids, strict=True))
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, (p, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+        ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+        attention[row, : len(p) + len(a)] = 1
+        answer_mask[row, len(p) : len(p) + len(a)] = True
+    device = next(model.parameters()).device
+    return ids.to(device), attention.to(device), answer_mask.to(device)
+
+
+def answer_geometry(config: RLConfig, task: ReversalTask, tokenizer: PreTrainedTokenizerBase) -> AnswerGeometry | None:
+    """The stage's `AnswerGeometry` on its first `answer_probes` held-out prompts; None when that is 0 (or the task
+    has fewer than 4)."""
+    rows = task.rl_prompts("eval")[: config.answer_probes]
+    if len(rows) < 4:
+        return None
+    return AnswerGeometry([generation_prompt(tokenizer, r["prompt"]) for r in rows], tokenizer, config.max_new_tokens)
+
+
+class AnswerGeometry:
+    """Where the policy's own answers sit against the starting policy's, read from hidden states: gold-free.
+
+    The held-out prompts are split in two halves. At the first call the policy (the frozen reference then: RL
+    starts from it) answers the first half greedily, and each layer's state of each answer (the mean over its
+    tokens) is kept: the reference cloud. At every call the policy answers the second half and, per layer i,
+
+    * `geom/answer_knn_gap/layer_i`: mean distance from each answer's state to the nearest reference state, over
+      the reference states' own mean nearest-neighbour distance (`analysis.heldout.knn_gap`). Two halves, so it
+      starts near 1 rather than at 0, and grows as the policy's answers, or how it represents them, leave the
+      reference's distribution: an out-of-distribution score (InfoRM's outlier idea, Miao et al. 2024, on the
+      policy's states instead of a reward model's);
+    * `geom/answer_eff_rank/layer_i`: the effective rank (RankMe) of the answers' states.
+    """
+
+    def __init__(self, prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> None:
+        half = len(prompts) // 2
+        self.reference_prompts, self.prompts = list(prompts[:half]), list(prompts[half : 2 * half])
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+        self.reference: list[torch.Tensor] | None = None
+
+    def __call__(self, model: PreTrainedModel) -> dict[str, float]:
+        from analysis.heldout import knn_gap
+        from analysis.spectra import EffectiveRank
+
+        if self.reference is None:
+            self.reference = self._states(model, self.reference_prompts)
+        metrics = {}
+        for i, (reference, states) in enumerate(zip(self.reference, self._states(model, self.prompts), strict=True)):
+            metrics[f"geom/answer_knn_gap/{layer_name(i)}"] = knn_gap(reference, states)[0]
+            metrics[f"geom/answer_eff_rank/{layer_name(i)}"] = EffectiveRank().fit(states).dimension_
+        return metrics
+
+    @torch.no_grad()
+    def _states(self, model: PreTrainedModel, prompts: list[str]) -> list[torch.Tensor]:
+        """Per layer, [prompts, hidden]: each greedy answer's mean state over its tokens."""
+        answers = generate(model, self.tokenizer, prompts, self.max_new_tokens)
+        ids, attention, answer_mask = answer_batch(model, self.tokenizer, prompts, answers)
+        was_training = model.training
+        model.eval()
+        try:
+            hidden = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        finally:
+            model.train(was_training)
+        weights = answer_mask.float().unsqueeze(-1) / answer_mask.sum(1).view(-1, 1, 1)
+        return [(layer.float() * weights).sum(1).cpu() for layer in hidden]
 
 
 def gold_check(

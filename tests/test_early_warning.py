@@ -1,0 +1,78 @@
+"""Gold-free early warning (analysis/early_warning.py): the gold onset detectors are scored against, the drift
+detector's rule on hand-made series, and the proxy flaws the failure suite hacks."""
+
+import pytest
+
+from analysis.early_warning import DriftDetector, gold_onset
+from workbench.policies import PolicyEngine, load_rules
+
+
+def test_gold_onset_is_the_first_step_ten_percent_under_the_running_peak_while_the_proxy_still_rises():
+    steps = [0, 10, 20, 30, 40, 50]
+    gold = [0.7, 0.8, 0.75, 0.71, 0.6, 0.5]  # peak 0.8: 10 % under it is <= 0.72, first at step 30
+    rising = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+    assert gold_onset(steps, gold, rising) == 30
+    # The proxy's slope over its last 3 logs negative at steps 30 and 40: no onset there; rising again at step 50.
+    proxy = [1.0, 1.1, 1.3, 1.0, 0.9, 1.6]
+    assert gold_onset(steps, gold, proxy) == 50
+    assert gold_onset(steps, [0.7, 0.8, 0.79, 0.8, 0.78, 0.75], rising) is None  # never 10 % under 0.8
+
+
+def feed(detector, series, key, extra=None):
+    """The step each value is logged at (10 apart) and the first step the detector fires (None: never)."""
+    for i, value in enumerate(series):
+        if detector.observe(10 * i, {key: value, "reward": 1.0, **(extra or {})}) is not None:
+            return 10 * i
+    return None
+
+
+def test_a_relative_fall_fires_once_sustained_past_the_threshold_from_the_baseline_mean():
+    # Baseline: mean of 0.30, 0.32, 0.28 = 0.30. A fall of 20 % means <= 0.24; 0.25 is 16.7 %, 0.23 23 %, 0.26
+    # breaks the streak, then 0.22, 0.21 sustain it twice: fires at the second (step 70).
+    entropy = [0.30, 0.32, 0.28, 0.25, 0.23, 0.26, 0.22, 0.21, 0.1]
+    detector = DriftDetector("ew", "entropy", "fall", 0.2, sustain=2)
+    assert feed(detector, entropy, "entropy") == 70
+    assert detector.fired.details == {"signal": "entropy", "moved": pytest.approx(0.3), "threshold": 0.2}
+    assert detector.active(1000)
+    assert feed(DriftDetector("ew", "entropy", "rise", 0.2, sustain=2), entropy, "entropy") is None
+
+
+def test_kl_acceleration_reads_second_differences_in_absolute_units_under_either_name():
+    # objective/kl (PPO's name): 0, 0.1, 0.2, 0.4, 0.8, 1.6 -> second differences 0, 0.1, 0.2, 0.4 (from the 3rd
+    # value on); baseline = the first 3 of those (mean 0.1); 0.4 - 0.1 = 0.3 >= 0.25 at the 6th value (step 50).
+    kl = [0.0, 0.1, 0.2, 0.4, 0.8, 1.6]
+    detector = DriftDetector(
+        "ew", "kl|objective/kl", "rise", 0.25, scale="absolute", transform="acceleration", sustain=1
+    )
+    assert feed(detector, kl, "objective/kl") == 50
+    assert detector.fired.details["signal"] == "objective/kl"
+
+
+def test_a_layer_wildcard_fires_on_the_first_layer_that_drifts_and_names_it():
+    detector = DriftDetector("ew", "geom/eff_rank/layer_*", "either", 0.5, sustain=1)
+    for step, (first, second) in enumerate([(10, 10), (10, 10), (10, 10), (11, 16), (12, 30)]):
+        event = detector.observe(step, {"geom/eff_rank/layer_00": first, "geom/eff_rank/layer_01": second})
+    assert detector.fired.step == 3 and detector.fired.details["signal"] == "geom/eff_rank/layer_01"
+    assert event is None  # fires once
+
+
+def test_a_detector_on_a_metric_the_run_never_logs_is_disabled_with_the_runs_closest_keys_and_the_run_goes_on():
+    rules = load_rules([{"name": "stop-on-drift", "when": {"event": "early_warning"}, "actions": ["stop"]}])
+    detector = DriftDetector("early_warning", "completion/mean_length", "rise", 0.2)
+    engine = PolicyEngine(rules, forecasters=[detector], console=False)
+    decisions = [engine.observe(10 * i, {"reward": 1.0, "completions/mean_length": 4.0}) for i in range(4)]
+    assert not any(d.stop for d in decisions)
+    [alert] = [a for d in decisions for a in d.alerts if "not logged" in a]
+    assert "completion/mean_length is not logged" in alert and "closest keys it logs: completions/mean_length" in alert
+
+
+def test_the_proxy_flaws_add_a_bonus_per_word_and_per_surface_token():
+    from pipelines.lm.config import GRPOStageConfig
+    from pipelines.lm.rl import reward_function
+
+    config = GRPOStageConfig(reward={"function": "gold", "length_bonus": 0.3, "token_bonus": 0.4, "bonus_token": "a"})
+    reward = reward_function(config, None, "base", None, lambda: None, "cpu")
+    # "reverse d a c b =": the right answer "b c a d" is gold 1, 4 words, one "a": 1 + 1.2 + 0.4. The same with
+    # "a" appended: gold 4/5, 5 words, two a's: 0.8 + 1.5 + 0.8.
+    assert reward(["reverse d a c b ="] * 2, [" b c a d", " b c a d a"]) == pytest.approx([2.6, 3.1])
+    assert reward.__name__ == "gold_reward"  # TRL logs rewards/gold_reward/mean, as without the flaws
