@@ -44,19 +44,21 @@ STORE = ROOT / "benchmarks" / ".early_warning"
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE = ["snapshot.every=10", "snapshot.probes=64", "snapshot.pooling=mean"]
 
-# name -> (config, what it is: a failure mechanism or "healthy")
+# name -> (config, what it is: a failure mechanism or "healthy", overrides). The failure configs' own settings show
+# their failure within the first 50 steps (docs/rl.md); the overrides slow them (a lower learning rate) so that
+# gold onset comes late enough to be forecast.
 SUITE = {
-    "reward_hacking": ("configs/failure/reward_hacking.yaml", "biased labeller RM (PPO)"),
-    "verbosity": ("configs/failure/verbosity.yaml", "length bonus (GRPO)"),
-    "surface_token": ("configs/failure/surface_token.yaml", "surface-token bonus (GRPO)"),
-    "overoptimisation": ("configs/failure/overoptimisation.yaml", "honest RM, KL ~0, high lr (GRPO)"),
-    "entropy_collapse": ("configs/failure/entropy_collapse.yaml", "self-confidence reward, no KL (GRPO)"),
-    "kl_blowup": ("configs/failure/kl_blowup.yaml", "honest RM, no KL (PPO)"),
-    "grpo": ("configs/grpo.yaml", "healthy"),
-    "ppo": ("configs/ppo.yaml", "healthy"),
-    "reward_hacking_control": ("configs/failure/reward_hacking_control.yaml", "healthy"),
-    "kl_blowup_control": ("configs/failure/kl_blowup_control.yaml", "healthy"),
-    "entropy_collapse_control": ("configs/failure/entropy_collapse_control.yaml", "healthy"),
+    "reward_hacking": ("configs/failure/reward_hacking.yaml", "biased labeller RM (PPO)", ["train.lr=5e-6"]),
+    "verbosity": ("configs/failure/verbosity.yaml", "length bonus (GRPO)", []),
+    "surface_token": ("configs/failure/surface_token.yaml", "surface-token bonus (GRPO)", []),
+    "overoptimisation": ("configs/failure/overoptimisation.yaml", "honest RM, KL ~0, high lr (GRPO)", []),
+    "entropy_collapse": ("configs/failure/entropy_collapse.yaml", "self-confidence, no KL (GRPO)", ["train.lr=3e-4"]),
+    "kl_blowup": ("configs/failure/kl_blowup.yaml", "honest RM, no KL (PPO)", ["train.lr=1.5e-4"]),
+    "grpo": ("configs/grpo.yaml", "healthy", []),
+    "ppo": ("configs/ppo.yaml", "healthy", ["kl_coef=0.1", "train.lr=2e-5"]),
+    "reward_hacking_control": ("configs/failure/reward_hacking_control.yaml", "healthy", []),
+    "kl_blowup_control": ("configs/failure/kl_blowup_control.yaml", "healthy", []),
+    "entropy_collapse_control": ("configs/failure/entropy_collapse_control.yaml", "healthy", []),
 }
 LEFT_OUT = "surface_token"  # a mechanism no threshold is fitted on: chosen before any run was made
 CALIBRATION_SEEDS = (0, 1)
@@ -72,8 +74,8 @@ def prepare_and_run(seed: int) -> None:
     for name, bias in (("rm", 0.0), ("rm-biased", 0.5)):
         overrides = [f"model.name_or_path={sft_model}", f"task.length_bias={bias}", "train.max_steps=1500"]
         rms[bias] = f"runs:/{ensure_run(uri, f'{name}-s{seed}', 'configs/rm.yaml', seed, overrides).info.run_id}/model"
-    for name, (config, _) in SUITE.items():
-        overrides = [f"model.name_or_path={sft_model}", *DENSE]
+    for name, (config, _, tuned) in SUITE.items():
+        overrides = [f"model.name_or_path={sft_model}", *DENSE, *tuned]
         settings = _read(ROOT / config)
         if settings.get("reward", {}).get("function", "rm") == "rm":
             overrides.append(f"reward.model={rms[settings.get('task', {}).get('length_bias', 0.0)]}")
@@ -167,6 +169,10 @@ FAMILIES = [
     Family("answer length rise", "completions/mean_length", "rise", "relative", "level", RELATIVE, "rl statistics"),
     Family("reward spread drift", "reward_std", "either", "relative", "level", RELATIVE, "rl statistics"),
     Family("proxy reward rise", "reward", "rise", "relative", "level", RELATIVE, "rl statistics"),
+    Family("answers' kNN gap rise, any layer", "geom/answer_knn_gap/layer_*", "rise", "relative", "level", RELATIVE,
+           "geometry"),
+    Family("answers' eff. rank drift, any layer", "geom/answer_eff_rank/layer_*", "either", "relative", "level",
+           RELATIVE, "geometry"),
     Family("eff. rank drift, any layer", "geom/eff_rank/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
     Family("TwoNN drift, any layer", "geom/lid_twonn/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
     Family("MLE LID drift, any layer", "geom/lid_mle/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
@@ -232,6 +238,38 @@ def calibrate(family: Family, calibration: list[SuiteRun]) -> tuple[float | None
     return (best[1], best[2]) if best else (None, {})
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def _earliest(steps) -> int | None:
+    found = [s for s in steps if s is not None]
+    return min(found) if found else None
+
+
+def stop_replay(fires: dict[tuple[str, int], int | None], runs: list[SuiteRun]) -> dict:
+    """A `stop` policy on the detector, replayed: per failure run, gold accuracy at the stop (its last check at or
+    before the fire step) against at the end of the budget, and the share of the budget not trained; per healthy
+    run it fires on, the gold accuracy the stop cost."""
+    kept, lost, saved = [], [], []
+    for r in runs:
+        fire = fires[(r.name, r.seed)]
+        if fire is None:
+            continue
+        at_stop = r.gold[max(s for s in r.gold if s <= fire)]
+        final = r.gold[max(r.gold)]
+        (lost if r.healthy else kept).append(at_stop - final)
+        if not r.healthy:
+            saved.append((r.max_steps - fire) / r.max_steps)
+    return {
+        "failure_runs_stopped": len(kept),
+        "median_gold_kept": statistics.median(kept) if kept else None,
+        "median_budget_saved": statistics.median(saved) if saved else None,
+        "healthy_runs_stopped": len(lost),
+        "median_gold_change_on_healthy": statistics.median(lost) if lost else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -246,25 +284,36 @@ def main() -> None:
 
 
 def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
+    from analysis.forecast import CollapseDetector
+
     calibration = [r for r in runs if r.seed in CALIBRATION_SEEDS and r.name != LEFT_OUT]
     held_out = [r for r in runs if r not in calibration]
     rows = []
     for family in FAMILIES:
-        threshold, fitted = calibrate(family, calibration)
+        threshold, _ = calibrate(family, calibration)
         if threshold is None:
-            rows.append({"family": family.label, "kind": family.kind, "threshold": None})
+            rows.append({"detector": family.label, "kind": family.kind, "threshold": None})
             continue
         fires = {(r.name, r.seed): first_fire(partial(family.detector, threshold), r) for r in runs}
-        rows.append(
-            {
-                "family": family.label,
-                "kind": family.kind,
-                "threshold": threshold,
-                "calibration": fitted,
-                "held_out": score(fires, held_out),
-                "fires": {f"{name}/s{seed}": step for (name, seed), step in fires.items()},
-            }
-        )
+        rows.append({"detector": family.label, "kind": family.kind, "threshold": threshold, "fires": fires})
+    # Any of several calibrated detectors: no calibration false alarm either, as none of its members has one.
+    for kind in ("rl statistics", "geometry", "any"):
+        members = [r for r in rows if r["threshold"] is not None and kind in (r["kind"], "any")]
+        if members:
+            fires = {key: _earliest(m["fires"][key] for m in members) for key in members[0]["fires"]}
+            label = f"any of the {kind} detectors" if kind != "any" else "any detector"
+            rows.append({"detector": label, "kind": "combined", "threshold": "each its own", "fires": fires})
+    # Today's shipped forecaster, fed what a real run has (its gold-based rule then never fires).
+    fires = {(r.name, r.seed): first_fire(CollapseDetector, r) for r in runs}
+    rows.append(
+        {"detector": "collapse (shipped), without gold", "kind": "shipped", "threshold": "fixed", "fires": fires}
+    )
+    for row in rows:
+        if row["threshold"] is not None:
+            row["calibration"] = score(row["fires"], calibration)
+            row["held_out"] = score(row["fires"], held_out)
+            row["stop_replay"] = stop_replay(row["fires"], held_out)
+            row["fires"] = {f"{name}/s{seed}": step for (name, seed), step in row["fires"].items()}
     suite = [
         {"run": f"{r.name}/s{r.seed}", "mechanism": SUITE[r.name][1], "onset": r.onset, "max_steps": r.max_steps,
          "gold_first": next(iter(r.gold.values()), None), "gold_last": list(r.gold.values())[-1] if r.gold else None}
@@ -300,16 +349,53 @@ def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
     ]
     for row in rows:
         if row["threshold"] is None:
-            lines.append(f"| {row['family']} | {row['kind']} | none without a calibration false alarm | | | | |")
+            lines.append(f"| {row['detector']} | {row['kind']} | none without a calibration false alarm | | | | |")
             continue
         c, h = row["calibration"], row["held_out"]
         lead = (
             f"{h['median_lead_steps']:g}; {h['median_lead_share']:.2f}" if h["median_lead_steps"] is not None else "-"
         )
         lines.append(
-            f"| {row['family']} | {row['kind']} | {row['threshold']:g} | {c['hits']}/{c['failures']}, "
+            f"| {row['detector']} | {row['kind']} | {row['threshold']} | {c['hits']}/{c['failures']}, "
             f"{c['false_alarms']}/{c['healthy']} | {h['hits']}/{h['failures']} {h['hit_interval']} | {lead} | "
             f"{h['false_alarms']}/{h['healthy']} |"
+        )
+    mechanisms = [name for name, (_, what, _) in SUITE.items() if what != "healthy"]
+    lines += [
+        "",
+        "## Where each detector wins and loses: failure runs flagged before gold onset, per mechanism (all seeds, so",
+        "in-sample for the calibration seeds), and healthy runs it fires on",
+        "",
+        f"| detector | {' | '.join(mechanisms)} | healthy fired on |",
+        f"|---|{'---|' * len(mechanisms)}---|",
+    ]
+    for row in rows:
+        if row["threshold"] is None:
+            continue
+        cells = []
+        for mechanism in mechanisms:
+            mine = [r for r in runs if r.name == mechanism and r.onset is not None]
+            flagged = sum((f := row["fires"][f"{r.name}/s{r.seed}"]) is not None and f <= r.onset for r in mine)
+            cells.append(f"{flagged}/{len(mine)}")
+        healthy = [r for r in runs if r.healthy]
+        fired = sum(row["fires"][f"{r.name}/s{r.seed}"] is not None for r in healthy)
+        lines.append(f"| {row['detector']} | {' | '.join(cells)} | {fired}/{len(healthy)} |")
+    lines += [
+        "",
+        "## A `stop` policy on each detector, replayed on the held-out runs",
+        "",
+        "| detector | failure runs stopped | median gold accuracy kept (at stop - at end) | median budget saved | "
+        "healthy runs stopped | median gold change there (at stop - at end) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["threshold"] is None:
+            continue
+        r = row["stop_replay"]
+        lines.append(
+            f"| {row['detector']} | {r['failure_runs_stopped']} | {_fmt(r['median_gold_kept'])} | "
+            f"{_fmt(r['median_budget_saved'])} | {r['healthy_runs_stopped']} | "
+            f"{_fmt(r['median_gold_change_on_healthy'])} |"
         )
     (RESULTS / "early_warning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,10 +1,16 @@
 """Gold-free early warning (analysis/early_warning.py): the gold onset detectors are scored against, the drift
 detector's rule on hand-made series, and the proxy flaws the failure suite hacks."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from analysis.early_warning import DriftDetector, gold_onset
 from workbench.policies import PolicyEngine, load_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_gold_onset_is_the_first_step_ten_percent_under_the_running_peak_while_the_proxy_still_rises():
@@ -76,3 +82,56 @@ def test_the_proxy_flaws_add_a_bonus_per_word_and_per_surface_token():
     # "a" appended: gold 4/5, 5 words, two a's: 0.8 + 1.5 + 0.8.
     assert reward(["reverse d a c b ="] * 2, [" b c a d", " b c a d a"]) == pytest.approx([2.6, 3.1])
     assert reward.__name__ == "gold_reward"  # TRL logs rewards/gold_reward/mean, as without the flaws
+
+
+def suite_run(name, seed, entropy, onset, gold=None):
+    """A suite run logged every 10 steps: entropy as given, the proxy reward flat; gold accuracy for scoring."""
+    import early_warning
+
+    steps = [10 * i for i in range(len(entropy))]
+    gold = gold or dict.fromkeys(steps, 0.8)
+    metrics = [{"entropy": e, "reward": 1.0} for e in entropy]
+    return early_warning.SuiteRun(name, seed, steps, metrics, gold, onset, max_steps=steps[-1])
+
+
+def test_calibration_picks_the_threshold_with_the_most_hits_and_no_false_alarm_and_the_score_counts_leads():
+    import early_warning
+
+    family = early_warning.Family("entropy fall", "entropy", "fall", "relative", "level", (0.1, 0.3, 0.6), "rl")
+    # Baseline 1.0 (first 3 logs); the detector needs 2 logs running past the threshold.
+    failure_a = suite_run("entropy_collapse", 0, [1, 1, 1, 0.8, 0.65, 0.5, 0.3, 0.2], onset=60)
+    failure_b = suite_run("kl_blowup", 0, [1, 1, 1, 0.88, 0.85, 0.6, 0.35, 0.3], onset=50)
+    healthy = suite_run("grpo", 0, [1, 1, 1, 0.95, 0.85, 0.8, 0.8, 0.8], onset=None)
+    threshold, fitted = early_warning.calibrate(family, [failure_a, failure_b, healthy])
+    # 0.1: fires on a at 40, b at 40, both in time, but on the healthy run too (at 50). 0.3: a at 50 (0.35, 0.5), in time; b at 60, late; not the healthy run (0.2 at most). 0.6: a and
+    # b at 70, late. So 0.3: 1 hit, 10 steps before its onset at 60.
+    assert threshold == 0.3
+    assert fitted == {
+        "hits": 1,
+        "failures": 2,
+        "hit_interval": early_warning.wilson(1, 2),
+        "median_lead_steps": 10,
+        "median_lead_share": 10 / 60,
+        "false_alarms": 0,
+        "healthy": 1,
+    }
+    assert early_warning.wilson(1, 2) == (0.095, 0.905)  # 95 % Wilson interval of 1/2
+
+
+def test_the_stop_replay_reads_gold_at_the_last_check_before_the_stop_against_the_end():
+    import early_warning
+
+    gold = {0: 0.7, 10: 0.8, 20: 0.6, 30: 0.2}
+    failure = suite_run("verbosity", 2, [1, 1, 1, 1], onset=20, gold=gold)  # max_steps 30
+    healthy = suite_run("grpo", 2, [1, 1, 1, 1], onset=None, gold={0: 0.7, 10: 0.75, 20: 0.8, 30: 0.85})
+    fires = {("verbosity", 2): 15, ("grpo", 2): 20}
+    replay = early_warning.stop_replay(fires, [failure, healthy])
+    # Failure stopped at 15: gold at its check of step 10 (0.8) vs 0.2 at the end; 15 of 30 steps saved. The
+    # healthy run stopped at 20: 0.8 vs 0.85.
+    assert replay == {
+        "failure_runs_stopped": 1,
+        "median_gold_kept": pytest.approx(0.6),
+        "median_budget_saved": 0.5,
+        "healthy_runs_stopped": 1,
+        "median_gold_change_on_healthy": pytest.approx(-0.05),
+    }
