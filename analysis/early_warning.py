@@ -145,3 +145,38 @@ class DriftDetector:
         close = difflib.get_close_matches(wanted, list(metrics), n=3, cutoff=0.4)
         hint = f"; closest keys it logs: {', '.join(close)}" if close else ""
         return f"{self.metric} is not logged: detector '{self.name}' reads it, and this run does not log it{hint}"
+
+
+class AnyOf:
+    """Fires `name` when the first of several detectors fires (their details, and which one, in the event).
+
+    A member whose metric the run does not log (it raises, as `DriftDetector` does) is dropped and the others go
+    on: GRPO without a KL penalty logs no KL, and its entropy and geometry are still watched. Only when every
+    member is dropped does it raise, which disables it with an alert listing why.
+    """
+
+    def __init__(self, name: str, members: Sequence[DriftDetector], rule: str | None = None) -> None:
+        self.name, self.members, self.rule = name, list(members), rule
+        self.fired: ForecastEvent | None = None
+        self._dropped: list[str] = []
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
+        if self.fired is not None:
+            return None
+        for member in list(self.members):
+            try:
+                event = member.observe(step, metrics)
+            except ValueError as exc:
+                self.members.remove(member)
+                self._dropped.append(str(exc))
+                if not self.members:
+                    raise ValueError("; ".join(self._dropped)) from None
+                continue
+            if event is not None:
+                details = {"detector": member.name, **event.details, **({"rule": self.rule} if self.rule else {})}
+                self.fired = ForecastEvent(self.name, step, details)
+                return self.fired
+        return None
+
+    def active(self, step: int) -> bool:
+        return self.fired is not None

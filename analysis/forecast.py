@@ -173,7 +173,8 @@ class PrecursorForecaster:
 
 
 class CollapseDetector:
-    """Fires `collapse` when training goes bad in one of these four ways, whichever comes first:
+    """Fires `collapse` when training goes bad in one of these three ways, whichever comes first, reading only
+    what a real run logs (no gold signal):
 
     * representation collapse: a layer's effective rank (RankMe, Garrido et al. 2023) falls below
       ``rank_fraction`` of its first value on ``sustain`` consecutive snapshots;
@@ -181,41 +182,29 @@ class CollapseDetector:
       ``entropy_fraction`` of its first logged value. Relative, because the entropy a healthy policy keeps depends
       on the task (the entropy column of the table in docs/rl.md has it for the built-in task), and RL-only,
       because falling entropy on demonstrations is what supervised fine-tuning is for;
-    * KL blow-up: ``kl`` (or ``objective/kl``) above ``kl_ceiling``;
-    * reward hacking: over the last ``window`` observations the proxy reward (``reward``, TRL's name) trends
-      up while the gold check (``gold/reward`` or ``gold/accuracy``) trends down and sits ``gold_drop`` below
-      its running peak (Gao et al. 2023, "Scaling laws for reward model overoptimization": proxy up, gold down).
+    * KL blow-up: ``kl`` (or ``objective/kl``) above ``kl_ceiling``.
 
-    Active from firing to the end of the run: a collapse does not heal by itself.
+    These see a failure once it is there. The shipped `collapse` forecaster (`FORECASTERS`) adds the early-warning
+    drift detectors calibrated on the failure suite (analysis/early_warning.py). Reward hacking seen through a gold
+    signal is `RewardHackingAudit`'s, an offline audit. Active from firing to the end of the run: a collapse does
+    not heal by itself.
     """
 
     name = "collapse"
     PROXY_KEYS = ("reward",)
-    GOLD_KEYS = ("gold/reward", "gold/accuracy")
     KL_KEYS = ("kl", "objective/kl")
 
     def __init__(
-        self,
-        rank_fraction: float = 0.2,
-        sustain: int = 2,
-        entropy_fraction: float = 0.1,
-        kl_ceiling: float = 10.0,
-        window: int = 5,
-        gold_drop: float = 0.1,
+        self, rank_fraction: float = 0.2, sustain: int = 2, entropy_fraction: float = 0.1, kl_ceiling: float = 10.0
     ) -> None:
         self.rank_fraction = rank_fraction
         self.sustain = sustain
         self.entropy_fraction = entropy_fraction
         self._entropy_first: float | None = None
         self.kl_ceiling = kl_ceiling
-        self.window = window
-        self.gold_drop = gold_drop
         self.fired: ForecastEvent | None = None
         self._rank_first: dict[str, float] = {}
         self._rank_streak: dict[str, int] = {}
-        self._proxy: list[float] = []
-        self._gold: list[float] = []
-        self._gold_peak = -math.inf
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
         if self.fired is not None:
@@ -246,9 +235,35 @@ class CollapseDetector:
         for key in self.KL_KEYS:
             if metrics.get(key, -math.inf) > self.kl_ceiling:
                 return "kl", {"metric": key, "value": metrics[key]}
-        return self._reward_hacking(metrics)
+        return None
 
-    def _reward_hacking(self, metrics: Mapping[str, float]) -> tuple[str, dict[str, float | str]] | None:
+
+class RewardHackingAudit:
+    """Fires `reward_hacking_audit` when, over the last ``window`` observations, the proxy reward (``reward``,
+    TRL's name) trends up while the gold check (``gold/reward`` or ``gold/accuracy``) trends down and sits
+    ``gold_drop`` below its running peak (Gao et al. 2023, "Scaling laws for reward model overoptimization": proxy
+    up, gold down).
+
+    An offline audit, named as such: it reads a gold signal that real RL runs do not have, so it says afterwards
+    (`workbench backtest`, or a run on the built-in task) what happened, and no live policy relies on it by default.
+    The gold-free warning is the `collapse` forecaster.
+    """
+
+    name = "reward_hacking_audit"
+    PROXY_KEYS = ("reward",)
+    GOLD_KEYS = ("gold/reward", "gold/accuracy")
+
+    def __init__(self, window: int = 5, gold_drop: float = 0.1) -> None:
+        self.window = window
+        self.gold_drop = gold_drop
+        self.fired: ForecastEvent | None = None
+        self._proxy: list[float] = []
+        self._gold: list[float] = []
+        self._gold_peak = -math.inf
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
+        if self.fired is not None:
+            return None
         proxy = next((metrics[k] for k in self.PROXY_KEYS if k in metrics), None)
         gold = next((metrics[k] for k in self.GOLD_KEYS if k in metrics), None)
         if proxy is None or gold is None:
@@ -261,8 +276,13 @@ class CollapseDetector:
         proxy_slope, gold_slope = _slope(self._proxy), _slope(self._gold)
         below_peak = self._gold_peak - gold >= self.gold_drop * abs(self._gold_peak)
         if proxy_slope > 0 and gold_slope < 0 and below_peak:
-            return "reward_hacking", {"proxy_slope": proxy_slope, "gold_slope": gold_slope, "gold": gold}
+            details = {"kind": "reward_hacking", "proxy_slope": proxy_slope, "gold_slope": gold_slope, "gold": gold}
+            self.fired = ForecastEvent(self.name, step, details)
+            return self.fired
         return None
+
+    def active(self, step: int) -> bool:
+        return self.fired is not None
 
 
 def _slope(values: list[float]) -> float:
@@ -338,4 +358,5 @@ FORECASTERS: dict[str, Callable[[], Forecaster]] = {
         onset_ratio=0.16, rule=GROKKING_FORECAST_LABEL_FREE_RULE, heldout_labels=False,
     ),
     "collapse": CollapseDetector,
+    "reward_hacking_audit": RewardHackingAudit,
 }  # fmt: skip

@@ -48,11 +48,11 @@ DENSE = ["snapshot.every=10", "snapshot.probes=64", "snapshot.pooling=mean"]
 # their failure within the first 50 steps (docs/rl.md); the overrides slow them (a lower learning rate) so that
 # gold onset comes late enough to be forecast.
 SUITE = {
-    "reward_hacking": ("configs/failure/reward_hacking.yaml", "biased labeller RM (PPO)", ["train.lr=5e-6"]),
+    "reward_hacking": ("configs/failure/reward_hacking.yaml", "biased labeller RM (PPO)", ["train.lr=2e-6"]),
     "verbosity": ("configs/failure/verbosity.yaml", "length bonus (GRPO)", []),
     "surface_token": ("configs/failure/surface_token.yaml", "surface-token bonus (GRPO)", []),
     "overoptimisation": ("configs/failure/overoptimisation.yaml", "honest RM, KL ~0, high lr (GRPO)", []),
-    "entropy_collapse": ("configs/failure/entropy_collapse.yaml", "self-confidence, no KL (GRPO)", ["train.lr=3e-4"]),
+    "entropy_collapse": ("configs/failure/entropy_collapse.yaml", "self-confidence, no KL (GRPO)", ["train.lr=6e-4"]),
     "kl_blowup": ("configs/failure/kl_blowup.yaml", "honest RM, no KL (PPO)", ["train.lr=1.5e-4"]),
     "grpo": ("configs/grpo.yaml", "healthy", []),
     "ppo": ("configs/ppo.yaml", "healthy", ["kl_coef=0.1", "train.lr=2e-5"]),

@@ -9,6 +9,7 @@ from analysis.forecast import (
     LABEL_FREE_CANDIDATES,
     CollapseDetector,
     PrecursorForecaster,
+    RewardHackingAudit,
     resolve_last_layer,
 )
 
@@ -124,14 +125,19 @@ def test_collapse_on_kl():
 
 
 @pytest.mark.parametrize(("gold_trend", "fires"), [(-0.05, True), (0.02, False)])
-def test_reward_hacking_is_proxy_up_while_gold_falls_from_its_peak(gold_trend, fires):
-    detector = CollapseDetector(window=5, gold_drop=0.1)
+def test_the_reward_hacking_audit_is_proxy_up_while_gold_falls_from_its_peak(gold_trend, fires):
+    detector = RewardHackingAudit(window=5, gold_drop=0.1)
     events = [detector.observe(s, {"reward": 1.0 + 0.1 * s, "gold/accuracy": 0.8 + gold_trend * s}) for s in range(10)]
     fired = [e for e in events if e is not None]
     assert bool(fired) == fires
     if fires:
-        assert fired[0].details["kind"] == "reward_hacking"
+        assert fired[0].name == "reward_hacking_audit" and fired[0].details["kind"] == "reward_hacking"
         assert fired[0].step == 4  # 5 observations; gold 0.6 is 25 % under its 0.8 peak
+    # The gold-free collapse detector never reads gold: the same series leave it silent.
+    assert all(
+        CollapseDetector().observe(s, {"reward": 1.0 + 0.1 * s, "gold/accuracy": 0.8 - 0.05 * s}) is None
+        for s in range(10)
+    )
 
 
 def _memorised_at_10(losses: list[float], weight_norm: list[float]) -> list[tuple[int, dict[str, float]]]:
