@@ -103,8 +103,9 @@ def test_calibration_picks_the_threshold_with_the_most_hits_and_no_false_alarm_a
     failure_b = suite_run("kl_blowup", 0, [1, 1, 1, 0.88, 0.85, 0.6, 0.35, 0.3], onset=50)
     healthy = suite_run("grpo", 0, [1, 1, 1, 0.95, 0.85, 0.8, 0.8, 0.8], onset=None)
     threshold, fitted = early_warning.calibrate(family, [failure_a, failure_b, healthy])
-    # 0.1: fires on a at 40, b at 40, both in time, but on the healthy run too (at 50). 0.3: a at 50 (0.35, 0.5), in time; b at 60, late; not the healthy run (0.2 at most). 0.6: a and
-    # b at 70, late. So 0.3: 1 hit, 10 steps before its onset at 60.
+    # 0.1: fires on a at 40, b at 40, both in time, but on the healthy run too (at 50). 0.3: a at 50 (0.35, 0.5),
+    # in time; b at 60, late; not the healthy run (0.2 at most). 0.6: a and b at 70, late. So 0.3: 1 hit, 10 steps
+    # before its onset at 60.
     assert threshold == 0.3
     assert fitted == {
         "hits": 1,
@@ -135,3 +136,24 @@ def test_the_stop_replay_reads_gold_at_the_last_check_before_the_stop_against_th
         "healthy_runs_stopped": 1,
         "median_gold_change_on_healthy": pytest.approx(-0.05),
     }
+
+
+def test_any_of_fires_with_the_first_member_and_drops_one_whose_metric_the_run_does_not_log():
+    from analysis.early_warning import AnyOf
+
+    kl = DriftDetector("kl_level", "kl", "rise", 0.5, scale="absolute", sustain=1)
+    entropy = DriftDetector("entropy_fall", "entropy", "fall", 0.2, sustain=1)
+    detector = AnyOf("collapse", [kl, entropy], rule="collapse/test")
+    # A GRPO run without a KL penalty: no `kl`. After 3 logs of the proxy the KL member is dropped; entropy falls
+    # 30 % under its baseline (1.0) at step 30 and fires.
+    for step, value in [(0, 1.0), (10, 1.0), (20, 1.0), (30, 0.7)]:
+        event = detector.observe(step, {"reward": 1.0, "entropy": value})
+    assert detector.members == [entropy]
+    assert event.step == 30 and event.details == {
+        "detector": "entropy_fall", "signal": "entropy", "moved": pytest.approx(0.3), "threshold": 0.2,
+        "rule": "collapse/test",
+    }  # fmt: skip
+    nothing = AnyOf("collapse", [DriftDetector("kl_level", "kl", "rise", 0.5, scale="absolute")])
+    with pytest.raises(ValueError, match="kl is not logged"):
+        for step in range(3):
+            nothing.observe(step, {"reward": 1.0})
