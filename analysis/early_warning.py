@@ -57,6 +57,9 @@ class DriftDetector:
     geometry: which layer moves first is not known in advance); the event names it. Several names separated by
     `|` watch whichever the run logs (`kl|objective/kl`: GRPO's and PPO's name for the same KL).
 
+    `requires` names a key the run must have logged (at this step or before) for the detector to read anything:
+    `'reward'` confines it to RL runs, where geometry that drifts is news, not what training is for.
+
     A metric the run never logs, by the `baseline`-th log of the proxy `reward`, raises: the policy engine then
     disables the detector and its rules with an alert that lists the run's closest keys, and the run goes on.
     Active from firing to the end of the run: drift does not heal by itself.
@@ -73,6 +76,7 @@ class DriftDetector:
         baseline: int = 3,
         sustain: int = 2,
         rule: str | None = None,
+        requires: str | None = None,
     ) -> None:
         if direction not in ("rise", "fall", "either"):
             raise ValueError(f"direction must be 'rise', 'fall' or 'either', got {direction!r}")
@@ -80,6 +84,7 @@ class DriftDetector:
             raise ValueError(f"scale {scale!r}, transform {transform!r}: want relative|absolute, level|acceleration")
         self.name, self.metric, self.direction, self.threshold = name, metric, direction, threshold
         self.scale, self.transform, self.baseline, self.sustain, self.rule = scale, transform, baseline, sustain, rule
+        self.requires, self._required_seen = requires, requires is None
         self.fired: ForecastEvent | None = None
         self._values: dict[str, list[float]] = {}  # key -> its logged values (the statistic's input)
         self._stats: dict[str, list[float]] = {}  # key -> statistic values, the first `baseline` of them the base
@@ -87,6 +92,9 @@ class DriftDetector:
         self._rewards_seen = 0
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None:
+        self._required_seen |= self.requires in metrics
+        if not self._required_seen:
+            return None
         keys = self._keys(metrics)
         if not keys and "reward" in metrics:
             self._rewards_seen += 1

@@ -157,3 +157,12 @@ def test_any_of_fires_with_the_first_member_and_drops_one_whose_metric_the_run_d
     with pytest.raises(ValueError, match="kl is not logged"):
         for step in range(3):
             nothing.observe(step, {"reward": 1.0})
+
+
+def test_a_detector_that_requires_the_proxy_reward_reads_nothing_on_a_run_without_one():
+    # An SFT run's geometry moves a lot, as training should: a detector confined to RL runs stays silent there.
+    sft = DriftDetector("ew", "geom/eff_rank/layer_*", "either", 0.1, sustain=1, requires="reward")
+    assert all(sft.observe(s, {"geom/eff_rank/layer_01": 10.0 * (s + 1)}) is None for s in range(10))
+    rl = DriftDetector("ew", "geom/eff_rank/layer_*", "either", 0.1, sustain=1, requires="reward")
+    steps = [rl.observe(s, {"geom/eff_rank/layer_01": 10.0 * (s + 1), "reward": 1.0}) for s in range(5)]
+    assert [e.step for e in steps if e is not None] == [3]  # baseline 10, 20, 30 (mean 20); 40 is +100 %
