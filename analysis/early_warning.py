@@ -17,6 +17,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -188,3 +189,82 @@ class AnyOf:
 
     def active(self, step: int) -> bool:
         return self.fired is not None
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of drift detector: what it watches and how; the failure suite (benchmarks/early_warning.py) picks its
+    threshold from `thresholds` on calibration runs."""
+
+    name: str  # the detector's name, in the events of `collapse`
+    label: str
+    metric: str
+    direction: str
+    scale: str
+    transform: str
+    thresholds: tuple[float, ...]
+    kind: str  # "rl statistics" or "geometry"
+
+    def detector(self, threshold: float, requires: str | None = None) -> DriftDetector:
+        return DriftDetector(
+            self.name, self.metric, self.direction, threshold, scale=self.scale, transform=self.transform,
+            requires=requires,
+        )  # fmt: skip
+
+
+RELATIVE = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+KL_LEVELS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # nats per answer
+KL_ACCELERATIONS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FAMILIES = (
+    Family("kl_level", "KL level", "kl|objective/kl", "rise", "absolute", "level", KL_LEVELS, "rl statistics"),
+    Family(
+        "kl_acceleration", "KL acceleration", "kl|objective/kl", "rise", "absolute", "acceleration",
+        KL_ACCELERATIONS, "rl statistics",
+    ),
+    Family("entropy_fall", "entropy fall", "entropy", "fall", "relative", "level", RELATIVE[:8], "rl statistics"),
+    Family("entropy_drift", "entropy drift", "entropy", "either", "relative", "level", RELATIVE, "rl statistics"),
+    Family(
+        "length_rise", "answer length rise", "completions/mean_length", "rise", "relative", "level", RELATIVE,
+        "rl statistics",
+    ),
+    Family(
+        "reward_spread_drift", "reward spread drift", "reward_std", "either", "relative", "level", RELATIVE,
+        "rl statistics",
+    ),
+    Family("reward_rise", "proxy reward rise", "reward", "rise", "relative", "level", RELATIVE, "rl statistics"),
+    Family(
+        "answer_knn_gap", "answers' kNN gap rise, any layer", "geom/answer_knn_gap/layer_*", "rise", "relative",
+        "level", RELATIVE, "geometry",
+    ),
+    Family(
+        "answer_eff_rank", "answers' eff. rank drift, any layer", "geom/answer_eff_rank/layer_*", "either",
+        "relative", "level", RELATIVE, "geometry",
+    ),
+    Family(
+        "eff_rank_drift", "eff. rank drift, any layer", "geom/eff_rank/layer_*", "either", "relative", "level",
+        RELATIVE, "geometry",
+    ),
+    Family(
+        "twonn_drift", "TwoNN drift, any layer", "geom/lid_twonn/layer_*", "either", "relative", "level", RELATIVE,
+        "geometry",
+    ),
+    Family(
+        "mle_drift", "MLE LID drift, any layer", "geom/lid_mle/layer_*", "either", "relative", "level", RELATIVE,
+        "geometry",
+    ),
+)  # fmt: skip
+
+# What the shipped `collapse` adds to `CollapseDetector`'s rules: each family's threshold as the failure suite's
+# calibration runs chose it (benchmarks/early_warning.py; docs/early-warning.md scores them on held-out runs),
+# for the families it found a threshold with a calibration hit and no calibration false alarm. Frozen here.
+CALIBRATED: dict[str, float] = {}
+COLLAPSE_RULE = "collapse/v2: rank, entropy or KL collapse, or a drift calibrated on the failure suite"
+
+
+def shipped_collapse() -> AnyOf:
+    """`collapse` as the workbench ships it: `CollapseDetector`'s rules, or any calibrated drift detector, on RL runs
+    for the latter (`requires='reward'`)."""
+    from analysis.forecast import CollapseDetector
+
+    drift = [f.detector(CALIBRATED[f.name], requires="reward") for f in FAMILIES if f.name in CALIBRATED]
+    return AnyOf("collapse", [CollapseDetector(), *drift], rule=COLLAPSE_RULE)

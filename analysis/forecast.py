@@ -291,6 +291,12 @@ def _slope(values: list[float]) -> float:
     return float(np.polyfit(x, np.asarray(values, dtype=float), 1)[0])
 
 
+def _shipped_collapse() -> Forecaster:
+    from analysis.early_warning import shipped_collapse  # it builds on this module's CollapseDetector
+
+    return shipped_collapse()
+
+
 # The forecaster the workbench ships for `event: grokking_forecast`, and its competitors on the suite.
 CANDIDATES: dict[str, Callable[[], PrecursorForecaster]] = {
     f"{signal}_{round(100 * move)}": (lambda m=metric, v=move: PrecursorForecaster("grokking_forecast", m, move=v))
@@ -357,6 +363,6 @@ FORECASTERS: dict[str, Callable[[], Forecaster]] = {
         "grokking_forecast_label_free", "embed/fourier_gini", direction="rise", move=1.0, sustain=2,
         onset_ratio=0.16, rule=GROKKING_FORECAST_LABEL_FREE_RULE, heldout_labels=False,
     ),
-    "collapse": CollapseDetector,
+    "collapse": lambda: _shipped_collapse(),
     "reward_hacking_audit": RewardHackingAudit,
 }  # fmt: skip

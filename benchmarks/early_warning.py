@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rl_figures import ensure_run  # noqa: E402  (one way to run a suite's configs)
 
+from analysis.early_warning import FAMILIES, Family  # noqa: E402
+
 STORE = ROOT / "benchmarks" / ".early_warning"
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE = ["snapshot.every=10", "snapshot.probes=64", "snapshot.pooling=mean"]
@@ -136,47 +138,6 @@ def load_runs(seeds: list[int]) -> list[SuiteRun]:
             max_steps = int(run.data.params.get("train.max_steps", order[-1]))
             runs.append(SuiteRun(name, seed, order, fed, gold, onset, max_steps))
     return runs
-
-
-# Detector families: (metric, direction, scale, transform) and the thresholds a calibration chooses among.
-@dataclass(frozen=True)
-class Family:
-    label: str
-    metric: str
-    direction: str
-    scale: str
-    transform: str
-    thresholds: tuple[float, ...]
-    kind: str  # "rl statistics" or "geometry"
-
-    def detector(self, threshold: float):
-        from analysis.early_warning import DriftDetector
-
-        return DriftDetector(
-            "early_warning", self.metric, self.direction, threshold, scale=self.scale, transform=self.transform
-        )
-
-
-RELATIVE = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
-FAMILIES = [
-    Family("KL level", "kl|objective/kl", "rise", "absolute", "level", (0.1, 0.2, 0.5, 1, 2, 4, 8), "rl statistics"),
-    Family(
-        "KL acceleration", "kl|objective/kl", "rise", "absolute", "acceleration", (0.01, 0.03, 0.1, 0.3, 1, 3),
-        "rl statistics",
-    ),
-    Family("entropy fall", "entropy", "fall", "relative", "level", RELATIVE[:8], "rl statistics"),
-    Family("entropy drift", "entropy", "either", "relative", "level", RELATIVE, "rl statistics"),
-    Family("answer length rise", "completions/mean_length", "rise", "relative", "level", RELATIVE, "rl statistics"),
-    Family("reward spread drift", "reward_std", "either", "relative", "level", RELATIVE, "rl statistics"),
-    Family("proxy reward rise", "reward", "rise", "relative", "level", RELATIVE, "rl statistics"),
-    Family("answers' kNN gap rise, any layer", "geom/answer_knn_gap/layer_*", "rise", "relative", "level", RELATIVE,
-           "geometry"),
-    Family("answers' eff. rank drift, any layer", "geom/answer_eff_rank/layer_*", "either", "relative", "level",
-           RELATIVE, "geometry"),
-    Family("eff. rank drift, any layer", "geom/eff_rank/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
-    Family("TwoNN drift, any layer", "geom/lid_twonn/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
-    Family("MLE LID drift, any layer", "geom/lid_mle/layer_*", "either", "relative", "level", RELATIVE, "geometry"),
-]  # fmt: skip
 
 
 def first_fire(make: Callable[[], object], run: SuiteRun) -> int | None:
@@ -284,7 +245,7 @@ def main() -> None:
 
 
 def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
-    from analysis.forecast import CollapseDetector
+    from analysis.forecast import FORECASTERS
 
     calibration = [r for r in runs if r.seed in CALIBRATION_SEEDS and r.name != LEFT_OUT]
     held_out = [r for r in runs if r not in calibration]
@@ -303,11 +264,11 @@ def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
             fires = {key: _earliest(m["fires"][key] for m in members) for key in members[0]["fires"]}
             label = f"any of the {kind} detectors" if kind != "any" else "any detector"
             rows.append({"detector": label, "kind": "combined", "threshold": "each its own", "fires": fires})
-    # Today's shipped forecaster, fed what a real run has (its gold-based rule then never fires).
-    fires = {(r.name, r.seed): first_fire(CollapseDetector, r) for r in runs}
-    rows.append(
-        {"detector": "collapse (shipped), without gold", "kind": "shipped", "threshold": "fixed", "fires": fires}
-    )
+    # The shipped forecaster, with the thresholds frozen in analysis/early_warning.py: CALIBRATED.
+    fires = {(r.name, r.seed): first_fire(FORECASTERS["collapse"], r) for r in runs}
+    rows.append({"detector": "collapse (shipped)", "kind": "shipped", "threshold": "frozen", "fires": fires})
+    calibrated = {f.name: r["threshold"] for f, r in zip(FAMILIES, rows, strict=False) if r["threshold"] is not None}
+    print(f"calibrated thresholds (analysis/early_warning.py: CALIBRATED): {calibrated}")
     for row in rows:
         if row["threshold"] is not None:
             row["calibration"] = score(row["fires"], calibration)

@@ -150,20 +150,25 @@ def workbench(uri: str, name: str, config: str, seed: int, overrides: list[str])
 
 
 def replay_collapse(histories: dict[str, list]) -> str:
-    """Where today's collapse detector fires on a run's logged histories ('step kind'), replayed step by step as
-    the run fed it, so the table follows the detector rather than the version the run was made with."""
-    from analysis.forecast import CollapseDetector
+    """Where today's `collapse` forecaster and the gold-reading `reward_hacking_audit` fire on a run's logged
+    histories ('step what', one per forecaster that fires), replayed step by step as the run fed them, so the table
+    follows the forecasters rather than the version the run was made with."""
+    from analysis.forecast import FORECASTERS
 
     by_step: dict[int, dict[str, float]] = {}
     for key, points in histories.items():
         for m in points:
             by_step.setdefault(m.step, {})[key] = m.value
-    detector = CollapseDetector()
-    for step in sorted(by_step):
-        event = detector.observe(step, by_step[step])
-        if event is not None:
-            return f"{step} {event.details['kind']}"
-    return "-"
+    fired = []
+    for name in ("collapse", "reward_hacking_audit"):
+        forecaster = FORECASTERS[name]()
+        for step in sorted(by_step):
+            event = forecaster.observe(step, by_step[step])
+            if event is not None:
+                what = event.details.get("kind") or event.details.get("detector")
+                fired.append(f"{step} {name}: {what}")
+                break
+    return "; ".join(fired) or "-"
 
 
 def write_results(runs: dict[str, dict], seeds: list[int]) -> None:
@@ -192,7 +197,7 @@ def write_results(runs: dict[str, dict], seeds: list[int]) -> None:
         f"# RL figures (seeds {', '.join(map(str, seeds))}; 2 shared, loaded CPU cores)",
         "",
         "| config | gold acc. before -> after (mean) | failure shown | entropy min | KL max | proxy first -> last | "
-        "`event/collapse` (replayed) | minutes (mean) |",
+        "`collapse`, `reward_hacking_audit` (replayed) | minutes (mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, by_seed in table.items():

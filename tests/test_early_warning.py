@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.early_warning import DriftDetector, gold_onset
+from analysis.early_warning import DriftDetector, Family, gold_onset
 from workbench.policies import PolicyEngine, load_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def suite_run(name, seed, entropy, onset, gold=None):
 def test_calibration_picks_the_threshold_with_the_most_hits_and_no_false_alarm_and_the_score_counts_leads():
     import early_warning
 
-    family = early_warning.Family("entropy fall", "entropy", "fall", "relative", "level", (0.1, 0.3, 0.6), "rl")
+    family = Family("entropy_fall", "entropy fall", "entropy", "fall", "relative", "level", (0.1, 0.3, 0.6), "rl")
     # Baseline 1.0 (first 3 logs); the detector needs 2 logs running past the threshold.
     failure_a = suite_run("entropy_collapse", 0, [1, 1, 1, 0.8, 0.65, 0.5, 0.3, 0.2], onset=60)
     failure_b = suite_run("kl_blowup", 0, [1, 1, 1, 0.88, 0.85, 0.6, 0.35, 0.3], onset=50)
