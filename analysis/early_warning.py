@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.forecast import ForecastEvent
+from analysis.events import ForecastEvent
 
 GOLD_DROP = 0.1  # relative fall of gold accuracy under its running peak that counts as the damage
 PROXY_WINDOW = 3  # logged values over which the proxy's least-squares slope must be positive: "still rising"
@@ -258,13 +258,3 @@ FAMILIES = (
 # calibration runs chose it (benchmarks/early_warning.py; docs/early-warning.md scores them on held-out runs),
 # for the families it found a threshold with a calibration hit and no calibration false alarm. Frozen here.
 CALIBRATED: dict[str, float] = {}
-COLLAPSE_RULE = "collapse/v2: rank, entropy or KL collapse, or a drift calibrated on the failure suite"
-
-
-def shipped_collapse() -> AnyOf:
-    """`collapse` as the workbench ships it: `CollapseDetector`'s rules, or any calibrated drift detector, on RL runs
-    for the latter (`requires='reward'`)."""
-    from analysis.forecast import CollapseDetector
-
-    drift = [f.detector(CALIBRATED[f.name], requires="reward") for f in FAMILIES if f.name in CALIBRATED]
-    return AnyOf("collapse", [CollapseDetector(), *drift], rule=COLLAPSE_RULE)

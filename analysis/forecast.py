@@ -14,32 +14,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
+
+from analysis.early_warning import CALIBRATED, FAMILIES, AnyOf
+from analysis.events import Forecaster, ForecastEvent
 
 # The grokking thresholds, defined here and only here: import them from this module.
 MEMORISED_ACC = 0.99  # train accuracy that counts as memorised
 GROKKED_ACC = 0.5  # test accuracy in the middle of the jump: the grokking step
 GENERALISED_ACC = 0.95  # test accuracy that counts as generalised: the jump is over
-
-
-@dataclass(frozen=True)
-class ForecastEvent:
-    """A forecaster firing: logged as `event/<name>` = 1 at `step`, with `details` in a tag."""
-
-    name: str
-    step: int
-    details: dict[str, float | str] = field(default_factory=dict)
-
-
-class Forecaster(Protocol):
-    name: str  # the event it fires: "grokking_forecast", "collapse"
-
-    def observe(self, step: int, metrics: Mapping[str, float]) -> ForecastEvent | None: ...
-
-    def active(self, step: int) -> bool: ...
 
 
 _LAYER = re.compile(r"^(.*)/layer_(\d+)$")
@@ -291,10 +275,14 @@ def _slope(values: list[float]) -> float:
     return float(np.polyfit(x, np.asarray(values, dtype=float), 1)[0])
 
 
-def _shipped_collapse() -> Forecaster:
-    from analysis.early_warning import shipped_collapse  # it builds on this module's CollapseDetector
+COLLAPSE_RULE = "collapse/v2: rank, entropy or KL collapse, or a drift calibrated on the failure suite"
 
-    return shipped_collapse()
+
+def shipped_collapse() -> AnyOf:
+    """`collapse` as the workbench ships it: `CollapseDetector`'s rules, or any drift detector the failure suite
+    calibrated (`analysis.early_warning.CALIBRATED`), the latter on RL runs only (`requires='reward'`)."""
+    drift = [f.detector(CALIBRATED[f.name], requires="reward") for f in FAMILIES if f.name in CALIBRATED]
+    return AnyOf("collapse", [CollapseDetector(), *drift], rule=COLLAPSE_RULE)
 
 
 # The forecaster the workbench ships for `event: grokking_forecast`, and its competitors on the suite.
@@ -363,6 +351,6 @@ FORECASTERS: dict[str, Callable[[], Forecaster]] = {
         "grokking_forecast_label_free", "embed/fourier_gini", direction="rise", move=1.0, sustain=2,
         onset_ratio=0.16, rule=GROKKING_FORECAST_LABEL_FREE_RULE, heldout_labels=False,
     ),
-    "collapse": lambda: _shipped_collapse(),
+    "collapse": shipped_collapse,
     "reward_hacking_audit": RewardHackingAudit,
 }  # fmt: skip

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 import pipelines.grokking.stage as grokking
 import workbench.policies.engine as policy_engine
-from analysis.forecast import ForecastEvent
+from analysis.events import ForecastEvent
 from workbench.cli import main
 from workbench.config import load_config
 from workbench.errors import WorkbenchError

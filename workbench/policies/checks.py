@@ -11,7 +11,7 @@ from workbench.policies.rules import Condition
 from workbench.tracking import metric_key
 
 if TYPE_CHECKING:
-    from analysis.forecast import Forecaster
+    from analysis.events import Forecaster
 
 
 class Check:

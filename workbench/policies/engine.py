@@ -23,7 +23,7 @@ from workbench.policies.rules import Rule, check_events, condition_events, defau
 from workbench.tracking import metric_key
 
 if TYPE_CHECKING:
-    from analysis.forecast import Forecaster
+    from analysis.events import Forecaster
     from workbench.tracking import Tracker
 
 STOP_REQUEST = "stop request"  # the name a stop request fires under

@@ -21,7 +21,7 @@ from workbench.schema import Strict, describe, read_yaml, yaml_problem
 from workbench.tracking import metric_key
 
 if TYPE_CHECKING:
-    from analysis.forecast import Forecaster
+    from analysis.events import Forecaster
 
 _Config = TypeVar("_Config", bound=BaseModel)
 
