@@ -254,7 +254,8 @@ FAMILIES = (
     ),
 )  # fmt: skip
 
-# What the shipped `collapse` adds to `CollapseDetector`'s rules: each family's threshold as the failure suite's
-# calibration runs chose it (benchmarks/early_warning.py; docs/early-warning.md scores them on held-out runs),
-# for the families it found a threshold with a calibration hit and no calibration false alarm. Frozen here.
+# What the shipped `collapse` adds to `CollapseDetector`'s rules on RL runs: family name -> threshold, as the failure
+# suite's calibration runs chose it (benchmarks/early_warning.py prints them). Empty: the three it chose on
+# 2026-12-08 flagged 2 of 7 held-out failure runs in time and stopped 2 of 4 held-out healthy ones
+# (docs/early-warning.md), too many false alarms for a default every RL run carries.
 CALIBRATED: dict[str, float] = {}
