@@ -64,7 +64,10 @@ def train_one_step(tracking_uri: str, run_name: str, out: str) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    snapshot = CallbackSnapshotConfig(every=1, probes=PROBES, probe_batch_size=4, keep="all", geometry=["eff_rank"])
+    # No overhead budget: both snapshots are taken (one step of a tiny model is cheaper than a snapshot).
+    snapshot = CallbackSnapshotConfig(
+        every=1, probes=PROBES, probe_batch_size=4, keep="all", geometry=["eff_rank"], max_overhead=None
+    )
     probes = [{"input_ids": ids} for ids in token_rows(PROBES, seed=1, lengths=[5, 9, 7])]
     callback = WorkbenchCallback(
         snapshot, TrackingConfig(uri=tracking_uri, experiment="fsdp", run_name=run_name), probes=probes, strict=True
