@@ -207,6 +207,18 @@ def calibrate(family: Family, calibration: list[SuiteRun]) -> tuple[float | None
     return (best[1], best[2]) if best else (None, {})
 
 
+def largest_rise(run: SuiteRun, prefix: str) -> float:
+    """The largest relative rise of any `prefix`* series over the mean of its first 3 logged values (a
+    `DriftDetector`'s baseline), at steps up to the run's gold onset (all of them without one): how far a drift
+    detector on it would have had to be set to stay silent until then."""
+    rises = [0.0]
+    for key in {k for m in run.metrics for k in m if k.startswith(prefix)}:
+        logged = [(s, m[key]) for s, m in zip(run.steps, run.metrics, strict=True) if key in m]
+        base = statistics.mean(v for _, v in logged[:3])
+        rises += [v / base - 1 for s, v in logged if base > 0 and (run.onset is None or s <= run.onset)]
+    return max(rises)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
 
@@ -288,7 +300,8 @@ def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
             row["fires"] = {f"{name}/s{seed}": step for (name, seed), step in row["fires"].items()}
     suite = [
         {"run": f"{r.name}/s{r.seed}", "mechanism": SUITE[r.name][1], "onset": r.onset, "max_steps": r.max_steps,
-         "gold_first": next(iter(r.gold.values()), None), "gold_last": list(r.gold.values())[-1] if r.gold else None}
+         "gold_first": next(iter(r.gold.values()), None), "gold_last": list(r.gold.values())[-1] if r.gold else None,
+         "answer_gap_rise": largest_rise(r, "geom/answer_knn_gap/")}
         for r in runs
     ]  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
@@ -302,8 +315,9 @@ def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
         "",
         "## The suite",
         "",
-        "| run | mechanism | gold onset (step) | of max steps | gold accuracy first -> last |",
-        "|---|---|---|---|---|",
+        "| run | mechanism | gold onset (step) | of max steps | gold accuracy first -> last | answers' kNN gap: "
+        "largest rise over its first 3 logs, any layer, up to the onset (else the whole run) |",
+        "|---|---|---|---|---|---|",
     ]
     for s in suite:
         share = f"{s['onset'] / s['max_steps']:.0%}" if s["onset"] is not None else "-"
@@ -311,7 +325,7 @@ def write_results(runs: list[SuiteRun], seeds: list[int]) -> None:
             share += " (a healthy config's run with a gold onset: scored neither way)"
         lines.append(
             f"| {s['run']} | {s['mechanism']} | {s['onset'] if s['onset'] is not None else '-'} | {share} | "
-            f"{s['gold_first']:.3f} -> {s['gold_last']:.3f} |"
+            f"{s['gold_first']:.3f} -> {s['gold_last']:.3f} | {s['answer_gap_rise']:.0%} |"
         )
     lines += [
         "",

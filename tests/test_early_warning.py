@@ -166,3 +166,14 @@ def test_a_detector_that_requires_the_proxy_reward_reads_nothing_on_a_run_withou
     rl = DriftDetector("ew", "geom/eff_rank/layer_*", "either", 0.1, sustain=1, requires="reward")
     steps = [rl.observe(s, {"geom/eff_rank/layer_01": 10.0 * (s + 1), "reward": 1.0}) for s in range(5)]
     assert [e.step for e in steps if e is not None] == [3]  # baseline 10, 20, 30 (mean 20); 40 is +100 %
+
+
+def test_the_largest_rise_of_a_series_counts_up_to_the_onset_only():
+    import early_warning
+
+    run = suite_run("verbosity", 0, [1.0] * 6, onset=30)
+    for metrics, gap in zip(run.metrics, [1.0, 1.2, 1.1, 1.65, 2.2, 3.3], strict=True):
+        metrics["geom/answer_knn_gap/layer_01"] = gap
+    # Baseline: the mean of 1.0, 1.2, 1.1 = 1.1; up to step 30, the largest is 1.65: +50 % (2.2 and 3.3 come after).
+    assert early_warning.largest_rise(run, "geom/answer_knn_gap/") == pytest.approx(0.5)
+    assert early_warning.largest_rise(suite_run("grpo", 0, [1.0] * 6, onset=None), "geom/answer_knn_gap/") == 0.0
